@@ -1,0 +1,310 @@
+"""The job manifest: YAML loaded safely and validated into a typed config before anything runs.
+
+Every error becomes one :class:`ManifestError` that names the file, the line and column of the
+offending value (when the YAML has one), the field path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from catbatch.prompts import PromptSource
+from catbatch.pruning.config import PruningConfigError, parse_pruning_section
+
+DTYPES = ("float32", "float16", "bfloat16")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ManifestError(ValueError):
+    """A manifest is invalid; the message is complete and meant for the user."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """Which pipeline to load: a built-in preset, a local directory or a hub id."""
+
+    id: str = Field(min_length=1, description="preset name (tiny-sd3, ...), local dir or hub id")
+    revision: str | None = None
+    dtype: Literal["float32", "float16", "bfloat16"] = "float16"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Resources(_Strict):
+    """Ray resources per actor; GPUs are used only where the cluster has them."""
+
+    cpus: float = Field(1.0, gt=0)
+    gpus: float = Field(1.0, ge=0, le=8)
+
+
+class RaySpec(_Strict):
+    """Where the actors run and how many there are."""
+
+    address: str = "local"
+    actors: int | Literal["auto"] = "auto"
+    resources: Resources = Resources()
+    object_store_mb: int = Field(256, ge=64)
+
+    @field_validator("actors")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be 'auto' or an integer >= 1")
+        return v
+
+
+def _multiple_of_8(v: int) -> int:
+    if v % 8:
+        raise ValueError("must be a multiple of 8")
+    return v
+
+
+def _pruning(v: Any) -> dict[str, Any] | None:
+    try:
+        cfg = parse_pruning_section(v)
+    except PruningConfigError as e:
+        raise PydanticCustomError(
+            "pruning",
+            "got {value}; allowed: {allowed}",
+            {"field": e.field, "value": repr(e.value), "allowed": e.allowed},
+        ) from e
+    return None if cfg is None else cfg.to_dict()
+
+
+Size = Annotated[int, Field(ge=16, le=8192), AfterValidator(_multiple_of_8)]
+Steps = Annotated[int, Field(ge=1, le=1000)]
+Guidance = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
+Pruning = Annotated[Any, BeforeValidator(_pruning)]
+
+
+class Sampling(_Strict):
+    """Generation settings; each may be overridden per variant. ``pruning`` is the engine's."""
+
+    width: Size = 1024
+    height: Size = 1024
+    steps: Steps = 28
+    guidance_scale: Guidance = 7.0
+    negative_prompt: str = ""
+    pruning: Pruning = None
+
+
+class Variant(_Strict):
+    """A named override of the sampling settings, run over the same prompts and seeds."""
+
+    name: str
+    width: Size | None = None
+    height: Size | None = None
+    steps: Steps | None = None
+    guidance_scale: Guidance | None = None
+    negative_prompt: str | None = None
+    pruning: Pruning = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+
+class Manifest(Sampling):
+    """A validated job manifest: the sampling defaults plus everything else."""
+
+    name: str
+    model: ModelSpec
+    prompts: PromptSource
+    output: str = Field(min_length=1)
+    seed: int = Field(0, ge=0, lt=2**63)
+    images_per_prompt: int = Field(1, ge=1, le=64)
+    batch_size: int = Field(1, ge=1, le=256)
+    shard_size: int = Field(64, ge=1, le=100_000)
+    variants: list[Variant] = Field(default_factory=list)
+    ray: RaySpec = RaySpec()
+    # filled in by load_manifest: where the manifest lives, to resolve relative paths
+    base_dir: str = Field("", exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not _NAME_RE.match(v):
+            raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+    @model_validator(mode="after")
+    def _check_variants(self) -> Manifest:
+        names = [v.name for v in self.variants]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
+        return self
+
+    def resolved_variants(self) -> dict[str, Sampling]:
+        """Each variant's full sampling settings (the manifest's own when none are listed)."""
+        base = {name: getattr(self, name) for name in Sampling.model_fields}
+        if not self.variants:
+            return {"default": Sampling.model_construct(**base)}
+        out = {}
+        for v in self.variants:
+            over = {k: getattr(v, k) for k in v.model_fields_set if k != "name"}
+            out[v.name] = Sampling.model_construct(**{**base, **over})
+        return out
+
+    def resolve_path(self, path: str) -> str:
+        """A local path relative to the manifest's folder; URLs pass through."""
+        if "://" in path or Path(path).is_absolute():
+            return path
+        return str(Path(self.base_dir or ".") / path)
+
+    @property
+    def output_url(self) -> str:
+        return self.resolve_path(self.output)
+
+
+# ------------------------------------------------------------------------------------------
+# Loading with positions
+# ------------------------------------------------------------------------------------------
+
+
+def load_manifest(path: str | Path, overrides: dict[str, Any] | None = None) -> Manifest:
+    """Read, parse and validate a manifest file; raise :class:`ManifestError` on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ManifestError(f"{path}: manifest file not found") from None
+    except UnicodeDecodeError as e:
+        raise ManifestError(f"{path}: not valid UTF-8 (byte {e.start})") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read manifest: {e.strerror}") from None
+    return parse_manifest(text, source=str(path), base_dir=str(path.parent), overrides=overrides)
+
+
+def parse_manifest(
+    text: str,
+    source: str = "<manifest>",
+    base_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+) -> Manifest:
+    """Parse YAML text (safe loader) and validate it into a :class:`Manifest`."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ManifestError(f"{source}{where}: invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ManifestError(f"{source}: the manifest must be a YAML mapping of fields")
+    positions = _positions(node)
+    data = {**data, **(overrides or {}), "base_dir": base_dir}
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as e:
+        raise ManifestError(_format_error(e, source, positions)) from None
+
+
+def _positions(node: yaml.Node | None, path: tuple = ()) -> dict[tuple, tuple[int, int]]:
+    """Map each field path to the 1-based (line, column) of its value (keys for mappings)."""
+    out: dict[tuple, tuple[int, int]] = {}
+    if node is None:
+        return out
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            sub = (*path, k.value)
+            out[sub] = (v.start_mark.line + 1, v.start_mark.column + 1)
+            out[(*sub, "__key__")] = (k.start_mark.line + 1, k.start_mark.column + 1)
+            out.update(_positions(v, sub))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out[(*path, i)] = (v.start_mark.line + 1, v.start_mark.column + 1)
+            out.update(_positions(v, (*path, i)))
+    return out
+
+
+def _format_error(err: ValidationError, source: str, positions: dict) -> str:
+    lines = []
+    for e in err.errors(include_url=False):
+        loc = tuple(x for x in e["loc"] if not str(x).startswith("function-"))
+        loc = tuple(x for x in loc if x not in ("int", "literal['auto']", "dict[str,any]", "none"))
+        if e["type"] == "pruning" and e["ctx"]["field"] != "pruning":
+            loc = (*loc, e["ctx"]["field"])
+        field = _dotted(loc) or "(manifest)"
+        pos = _nearest_position(loc, positions, key=e["type"] == "extra_forbidden")
+        where = f"{source}:{pos[0]}:{pos[1]}" if pos else source
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            msg = f"unknown key {loc[-1]!r}" + (f"; allowed keys: {allowed}" if allowed else "")
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        elif e["type"] == "pruning":
+            msg = e["msg"]
+        else:
+            value = e.get("input")
+            text = str(e["msg"]).removeprefix("Value error, ")
+            msg = f"got {_short(value)}; {text}"
+        lines.append(f"{where}: {field}: {msg}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _nearest_position(loc: tuple, positions: dict, key: bool) -> tuple[int, int] | None:
+    if key and (*loc, "__key__") in positions:
+        return positions[(*loc, "__key__")]
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in positions:
+            return positions[loc[:n]]
+    return None
+
+
+def _allowed_keys(loc: tuple) -> str:
+    model: Any = Manifest
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return ""
+        model = _model_in(field.annotation)
+    fields = getattr(model, "model_fields", None)
+    if not fields:
+        return ""
+    return ", ".join(k for k, f in fields.items() if not f.exclude)
+
+
+def _model_in(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,111 @@
+"""Load any diffusers text-to-image pipeline: a built-in tiny preset, a local directory or a hub id.
+
+Failures become :class:`ModelLoadError` with one readable message that names the model and says
+how to point the manifest at a local copy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be found or loaded; the message is meant for the user."""
+
+
+def describe_source(model_id: str, revision: str | None = None, base_dir: str = ".") -> dict:
+    """Where the model comes from, checked without loading weights (fails fast, offline).
+
+    Returns ``{"kind": "preset"|"local"|"hub", "path": ..., "revision": ...}``.
+    """
+    from catbatch.models import tiny
+
+    if tiny.is_preset(model_id):
+        tiny.ensure_preset_saved(model_id)  # build once here, not racing in every actor
+        return {"kind": "preset", "path": model_id, "revision": f"v{tiny.PRESET_VERSION}"}
+    local = Path(model_id) if Path(model_id).is_absolute() else Path(base_dir) / model_id
+    if local.is_dir():
+        if not (local / "model_index.json").exists():
+            raise ModelLoadError(
+                f"model {model_id!r}: {local} is a folder but not a diffusers pipeline "
+                "(no model_index.json); point model.id at the folder made by save_pretrained"
+            )
+        return {"kind": "local", "path": str(local.resolve()), "revision": None}
+    if model_id.startswith((".", "/", "~")) or os.sep in model_id.strip("/").replace("/", "", 1):
+        raise ModelLoadError(f"model {model_id!r}: no such local folder ({local})")
+    return {"kind": "hub", "path": _hub_snapshot(model_id, revision), "revision": revision}
+
+
+def _hub_snapshot(model_id: str, revision: str | None) -> str:
+    """The local snapshot of a hub model, downloading only when the hub is reachable."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(model_id, revision=revision, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        pass
+    hint = (
+        f"model {model_id!r}{f' (revision {revision})' if revision else ''} is not in the local "
+        "Hugging Face cache"
+    )
+    how = (
+        "Download it where the hub is reachable (for example `huggingface-cli download "
+        f"{model_id} --local-dir /models/{model_id.split('/')[-1]}`) and set model.id in the "
+        "manifest to that folder, or set HF_HOME to a cache that holds it."
+    )
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        raise ModelLoadError(f"{hint} and HF_HUB_OFFLINE is set. {how}")
+    try:
+        return snapshot_download(model_id, revision=revision, etag_timeout=10)
+    except HfHubHTTPError as e:
+        raise ModelLoadError(
+            f"{hint} and the hub refused it ({e.__class__.__name__}). {how}"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - network errors come in many types
+        raise ModelLoadError(
+            f"{hint} and the hub is unreachable ({type(e).__name__}). {how}"
+        ) from None
+
+
+def load_pipeline(source: dict, dtype: str = "float32", device: str = "cpu") -> Any:
+    """Load the pipeline that :func:`describe_source` found, onto ``device``."""
+    import diffusers
+    import transformers
+    from diffusers import DiffusionPipeline
+
+    from catbatch.models import tiny
+
+    for lib in (diffusers, transformers):  # one worker per GPU: keep their logs readable
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+    torch_dtype = DTYPES[dtype]
+    try:
+        if source["kind"] == "preset":
+            pipe = tiny.load_tiny_pipeline(source["path"], torch_dtype=torch_dtype)
+        else:
+            pipe = DiffusionPipeline.from_pretrained(
+                source["path"], torch_dtype=torch_dtype, local_files_only=True
+            )
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ModelLoadError(
+            f"model {source['path']!r} failed to load: {type(e).__name__}: {e}"
+        ) from e
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("model.device is 'cuda' but no CUDA device is visible to this worker")
+    return device

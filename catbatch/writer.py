@@ -1,0 +1,151 @@
+"""Parquet shard files: the row schema, Hugging Face ``datasets`` metadata and the stats file."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from catbatch.layout import OutputLayout
+
+SCHEMA_VERSION = 1
+
+SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("image_index", pa.int32()),
+        ("prompt", pa.string()),
+        ("prompt_metadata", pa.string()),  # JSON object
+        ("seed", pa.int64()),
+        ("variant", pa.string()),
+        ("settings", pa.string()),  # JSON: model, sampling and pruning settings
+        ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("batch_id", pa.string()),
+        ("batch_size", pa.int32()),
+        ("latency_s", pa.float64()),
+        ("device", pa.string()),
+        ("status", pa.string()),  # "ok" or "failed"
+        ("error", pa.string()),
+    ]
+)
+
+_HF_TYPES = {
+    pa.string(): "string",
+    pa.int32(): "int32",
+    pa.int64(): "int64",
+    pa.float64(): "float64",
+}
+
+
+def _hf_features() -> dict[str, Any]:
+    """The ``huggingface`` schema metadata that makes ``datasets`` read ``image`` as an Image."""
+    feats: dict[str, Any] = {}
+    for f in SCHEMA:
+        if f.name == "image":
+            feats[f.name] = {"_type": "Image"}
+        else:
+            feats[f.name] = {"dtype": _HF_TYPES[f.type], "_type": "Value"}
+    return {"info": {"features": feats}}
+
+
+SCHEMA = SCHEMA.with_metadata(
+    {
+        "catbatch.schema_version": str(SCHEMA_VERSION),
+        "huggingface": json.dumps(_hf_features()),
+    }
+)
+
+
+@dataclass
+class Row:
+    """One generated (or failed) image."""
+
+    sample_id: str
+    image_index: int
+    prompt: str
+    prompt_metadata: dict[str, str]
+    seed: int
+    variant: str
+    settings: dict[str, Any]
+    png: bytes | None
+    width: int
+    height: int
+    batch_id: str
+    batch_size: int
+    latency_s: float
+    device: str
+    status: str = "ok"
+    error: str | None = None
+
+
+@dataclass
+class ShardStats:
+    """The commit marker of a shard, written after its Parquet file is complete."""
+
+    variant: str
+    shard: str
+    content_hash: str
+    rows: int
+    images_ok: int
+    images_failed: int
+    parquet_bytes: int
+    parquet_sha256: str
+    seconds: float
+    device: str
+    schema_version: int = SCHEMA_VERSION
+    written_at: float = field(default_factory=time.time)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def rows_to_table(rows: list[Row]) -> pa.Table:
+    cols: dict[str, list] = {f.name: [] for f in SCHEMA}
+    for r in rows:
+        d = asdict(r)
+        png = d.pop("png")
+        d["prompt_metadata"] = json.dumps(d["prompt_metadata"], sort_keys=True)
+        d["settings"] = json.dumps(d["settings"], sort_keys=True)
+        d["image"] = None if png is None else {"bytes": png, "path": None}
+        for k in cols:
+            cols[k].append(d[k])
+    return pa.Table.from_pydict(cols, schema=SCHEMA)
+
+
+def write_shard(
+    layout: OutputLayout,
+    variant: str,
+    shard: str,
+    content_hash: str,
+    rows: list[Row],
+    seconds: float,
+    device: str,
+    extra: dict[str, Any] | None = None,
+) -> ShardStats:
+    """Write the shard's Parquet file, then its stats file (the commit marker)."""
+    buf = io.BytesIO()
+    pq.write_table(rows_to_table(rows), buf, compression="zstd")
+    data = buf.getvalue()
+    layout.write_bytes(layout.shard_parquet(variant, shard), data)
+    ok = sum(r.status == "ok" for r in rows)
+    stats = ShardStats(
+        variant=variant,
+        shard=shard,
+        content_hash=content_hash,
+        rows=len(rows),
+        images_ok=ok,
+        images_failed=len(rows) - ok,
+        parquet_bytes=len(data),
+        parquet_sha256=hashlib.sha256(data).hexdigest(),
+        seconds=seconds,
+        device=device,
+        extra=extra or {},
+    )
+    layout.write_json(layout.shard_stats(variant, shard), asdict(stats))
+    return stats
