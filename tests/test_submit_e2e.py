@@ -81,82 +81,89 @@ def read_rows(out: Path, variant: str = "full") -> list[dict]:
     return sorted(rows, key=lambda r: (r["sample_id"], r["image_index"]))
 
 
-@pytest.mark.parametrize("preset", ["tiny-sd3", "tiny-sd35", "tiny-pixart"])
-def test_submit_each_preset(tmp_path, ray_cluster, preset):
-    submit(make_manifest(tmp_path, preset=preset))
-    out = tmp_path / "out"
+def check_output(out: Path, n_rows: int, size: int = 128) -> list[dict]:
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete" and record["schema_version"] == 1
     assert record["versions"]["torch"] and record["pipeline"]["scheduler"]
+    assert record["model_source"]["kind"] == "preset"
+    parquet = sorted((out / "variants" / "full").glob("*.parquet"))
     stats = sorted((out / "variants" / "full").glob("*.stats.json"))
-    assert len(stats) == 3
-    table = pq.read_table(sorted((out / "variants" / "full").glob("*.parquet"))[0])
-    assert table.schema.metadata[b"catbatch.schema_version"] == b"1"
+    assert len(stats) == len(parquet) > 0
+    assert pq.read_table(parquet[0]).schema.metadata[b"catbatch.schema_version"] == b"1"
     rows = read_rows(out)
-    assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"}
+    assert len(rows) == n_rows and {r["status"] for r in rows} == {"ok"}
     for r in rows:
         img = Image.open(io.BytesIO(r["image"]["bytes"]))
-        assert img.size == (128, 128) and (r["width"], r["height"]) == (128, 128)
-        assert r["latency_s"] > 0 and r["batch_size"] in (1, 2) and r["device"]
-    assert len({r["seed"] for r in rows}) == 6
+        assert img.size == (size, size) and (r["width"], r["height"]) == (size, size)
+        assert r["latency_s"] > 0 and r["device"] and r["error"] is None
+    assert len({r["seed"] for r in rows}) == n_rows
+    return rows
 
 
-def test_output_reads_with_datasets(tmp_path, ray_cluster):
+@pytest.fixture(scope="module")
+def sd3_run(tmp_path_factory, ray_cluster):
+    """One tiny-sd3 run (2 actors, shards of 3 prompts, batch 4, 2 images per prompt)."""
+    tmp = tmp_path_factory.mktemp("sd3")
+    path = make_manifest(tmp, output="a", ipp=2, shard=3, batch=4)
+    submit(path)
+    return tmp, path
+
+
+@pytest.mark.parametrize("preset", ["tiny-sd35", "tiny-pixart"])
+def test_submit_other_presets(tmp_path, ray_cluster, preset):
+    path = make_manifest(tmp_path, preset=preset, shard=3)
+    path.write_text(path.read_text().replace("actors: 2", "actors: 1"))
+    submit(path)
+    check_output(tmp_path / "out", 6)
+
+
+def test_sd3_output(sd3_run):
+    tmp, _ = sd3_run
+    rows = check_output(tmp / "a", 12)
+    assert {r["batch_size"] for r in rows} == {4, 2}
+    # images per prompt > 1 gives different images
+    assert rows[0]["sample_id"] == rows[1]["sample_id"]
+    assert rows[0]["image"]["bytes"] != rows[1]["image"]["bytes"]
+    assert json.loads(rows[0]["settings"])["steps"] == 4
+
+
+def test_output_reads_with_datasets(sd3_run):
     datasets = pytest.importorskip("datasets")
-    submit(make_manifest(tmp_path, ipp=2))
-    files = sorted(str(p) for p in (tmp_path / "out" / "variants" / "full").glob("*.parquet"))
+    tmp, _ = sd3_run
+    files = sorted(str(p) for p in (tmp / "a" / "variants" / "full").glob("*.parquet"))
     ds = datasets.load_dataset("parquet", data_files=files, split="train")
     assert isinstance(ds.features["image"], datasets.Image)
     assert ds.num_rows == 12
-    img = ds[0]["image"]
-    assert img.size == (128, 128)
-    # images per prompt > 1 gives different images
-    rows = read_rows(tmp_path / "out")
-    assert rows[0]["sample_id"] == rows[1]["sample_id"]
-    assert rows[0]["image"]["bytes"] != rows[1]["image"]["bytes"]
+    assert ds[0]["image"].size == (128, 128)
 
 
-def test_same_manifest_twice_is_byte_identical(tmp_path, ray_cluster):
-    submit(make_manifest(tmp_path, output="a"))
-    submit(make_manifest(tmp_path, output="b"))
-    a, b = read_rows(tmp_path / "a"), read_rows(tmp_path / "b")
+def test_resubmit_skips_committed_shards(sd3_run):
+    tmp, path = sd3_run
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp / "a").rglob("*.parquet")}
+    res = CliRunner().invoke(main, ["submit", str(path), "--quiet"])
+    assert res.exit_code == 0 and "2 shard(s) already committed" in res.output
+    again = {p.name: p.stat().st_mtime_ns for p in (tmp / "a").rglob("*.parquet")}
+    assert first == again
+
+
+def test_same_manifest_twice_is_byte_identical(sd3_run):
+    tmp, _ = sd3_run
+    submit(make_manifest(tmp, output="b", ipp=2, shard=3, batch=4))
+    a, b = read_rows(tmp / "a"), read_rows(tmp / "b")
     assert [r["image"]["bytes"] for r in a] == [r["image"]["bytes"] for r in b]
     assert [r["seed"] for r in a] == [r["seed"] for r in b]
 
 
-def test_regenerate_alone_matches_batched_row(tmp_path, ray_cluster):
-    path = make_manifest(tmp_path, batch=4, size=128, steps=4, shard=6)
-    submit(path)
-    row = [r for r in read_rows(tmp_path / "out") if r["batch_size"] == 4][1]
-    png = tmp_path / "one.png"
+def test_regenerate_alone_matches_batched_row(sd3_run):
+    """One image by id, in a fresh process at batch size 1, against its row made at batch 4."""
+    tmp, path = sd3_run
+    row = [r for r in read_rows(tmp / "a") if r["batch_size"] == 4][1]
+    png = tmp / "one.png"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "catbatch.cli",
-            "regenerate",
-            str(path),
-            "--sample-id",
-            row["sample_id"],
-            "-o",
-            str(png),
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    cmd = [sys.executable, "-m", "catbatch.cli", "regenerate", str(path)]
+    cmd += ["--sample-id", row["sample_id"], "--image-index", str(row["image_index"])]
+    subprocess.run([*cmd, "-o", str(png)], check=True, env=env, capture_output=True)
     alone = np.asarray(Image.open(png)).astype(int)
     batched = np.asarray(Image.open(io.BytesIO(row["image"]["bytes"]))).astype(int)
-    assert alone.shape == batched.shape
+    assert alone.shape == batched.shape == (128, 128, 3)
     assert np.abs(alone - batched).max() <= 1
-
-
-def test_resubmit_skips_committed_shards(tmp_path, ray_cluster):
-    path = make_manifest(tmp_path)
-    submit(path)
-    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.parquet")}
-    res = CliRunner().invoke(main, ["submit", str(path), "--quiet"])
-    assert res.exit_code == 0 and "3 shard(s) already committed" in res.output
-    again = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.parquet")}
-    assert first == again
