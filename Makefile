@@ -21,7 +21,8 @@ demo: install
 
 test: install
 	$(BIN)/ruff check catbatch tests bench
-	$(BIN)/pytest -q
+	sh scripts/ensure-chromium.sh
+	$(BIN)/pytest -q --durations=25
 
 lint: install
 	$(BIN)/ruff check catbatch tests bench

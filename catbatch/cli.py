@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -12,6 +14,8 @@ import click
 from catbatch.manifest import ManifestError, load_manifest
 
 EXIT_BAD_INPUT = 2
+EXIT_BUSY = 3  # another submission holds the output's lease
+EXIT_SIGTERM = 143  # 128 + SIGTERM, as a shell reports a process ended by the signal
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -37,6 +41,28 @@ def _plan(m, check_model: bool = True):
         _fail(str(e))
 
 
+@contextmanager
+def _output_lease(layout) -> Iterator[Any]:
+    """Hold the output's lease (exit 3 if another submission holds it); released on exit."""
+    from catbatch.lease import Lease, LeaseHeld
+
+    try:
+        layout.check_writable()
+    except OSError as e:
+        _fail(str(e))
+    lease = Lease(layout)
+    try:
+        lease.acquire()
+    except LeaseHeld as e:
+        _fail(str(e), code=EXIT_BUSY)
+    except OSError as e:
+        _fail(f"cannot take the lease on {layout.display()}: {e}")
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="catbatch")
 def main() -> None:
@@ -44,7 +70,9 @@ def main() -> None:
 
     A YAML manifest names the model, prompts, seeds, sampling settings, pruning variants and
     the output location. Start with `catbatch validate MANIFEST`, then `catbatch submit
-    MANIFEST`. Exit codes: 0 success, 1 some shards failed, 2 bad input (nothing started).
+    MANIFEST`. Exit codes: 0 success, 1 some shards failed, 2 bad input (nothing started),
+    3 another submission is writing the output,
+    143 stopped by SIGTERM (committed shards are kept; rerun the same command to finish).
     """
 
 
@@ -76,6 +104,7 @@ def validate(manifest: str, output: str | None, no_model_check: bool) -> None:
 @click.option("--address", help="Ray cluster: 'local' (private cluster), 'auto' or an address.")
 @click.option("--actors", type=int, help="Number of actors (default: manifest, 'auto').")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output of a different run.")
+@click.option("--retry-failed", is_flag=True, help="Also make again the images recorded as failed.")
 @click.option("--num-cpus", type=int, help="CPUs of the private local cluster (default: all).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def submit(
@@ -84,6 +113,7 @@ def submit(
     address: str | None,
     actors: int | None,
     overwrite: bool,
+    retry_failed: bool,
     num_cpus: int | None,
     quiet: bool,
 ) -> None:
@@ -92,7 +122,19 @@ def submit(
     Prompts are split into fixed shards; each variant of each shard is one task. Ray actors
     (one per GPU, or per CPU slot without GPUs) each load the pipeline once and pull the next
     task when idle. A shard is committed when its `.stats.json` is written; resubmitting the
-    same manifest skips committed shards and finishes the rest.
+    same manifest skips committed shards and finishes the rest; prompts appended to the source
+    become new shards (a short last shard is completed by an extension piece `-x1`).
+    `--retry-failed` replaces the failed rows of committed shards with new images.
+
+    One submission at a time writes an output: the second exits with code 3 while the first
+    holds the output's lease (renewed every 10 s, free 30 s after its driver dies).
+
+    The output may be a path or a URL: s3://bucket/prefix (pip install catbatch[s3]), or gs://
+    and others when their fsspec package is installed. Credentials come from the backend's
+    standard chain (for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, ~/.aws,
+    instance roles; AWS_ENDPOINT_URL for other S3 servers) and are never written anywhere.
+    Transient storage errors are retried with backoff for CATBATCH_STORAGE_RETRY_S seconds
+    (default 300).
     """
     from catbatch.driver import JobError, prepare_output
     from catbatch.driver import submit as run
@@ -106,24 +148,52 @@ def submit(
         ray_spec.update({k: v for k, v in {"address": address, "actors": actors}.items() if v})
         m = _load(manifest, {**overrides, "ray": ray_spec})
     p = _plan(m)
-    try:
-        prepare_output(p, overwrite)
-    except (JobError, OSError) as e:
-        _fail(str(e))
-    c = p.counts()
-    click.echo(
-        f"{m.name}: {c['prompts']} prompts x {m.images_per_prompt} image(s) x {c['variants']} "
-        f"variant(s) in {c['shards']} shards; {c['pending_tasks']} of {c['tasks']} tasks to run",
-        err=True,
-    )
-    try:
-        summary = run(p, progress=not quiet, num_cpus=num_cpus)
-    except JobError as e:
-        _fail(str(e), code=1)
+    with _output_lease(p.layout) as lease:
+        try:
+            prepare_output(p, overwrite, retry_failed)
+        except (JobError, OSError) as e:
+            _fail(str(e))
+        c = p.counts()
+        retry = f"; {len(p.retry)} shard(s) with failed images to retry" if p.retry else ""
+        click.echo(
+            f"{m.name}: {c['prompts']} prompts x {m.images_per_prompt} image(s) x "
+            f"{c['variants']} variant(s) in {c['shards']} shards; {c['pending_tasks']} of "
+            f"{c['tasks']} tasks to run{retry}",
+            err=True,
+        )
+        try:
+            summary = run(p, progress=not quiet, num_cpus=num_cpus, lease=lease)
+        except JobError as e:
+            _fail(str(e), code=1)
     for line in summary.lines():
         click.echo(line)
+    if summary.stopped:
+        sys.exit(EXIT_SIGTERM)
     if summary.failed_tasks:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("output")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(output: str, as_json: bool) -> None:
+    """Show committed, pending and failed shards and images of the run at OUTPUT (a path or URL).
+
+    Exit code 0 when every planned shard is committed, 1 when some are pending, 2 when OUTPUT
+    holds no run.
+    """
+    from catbatch.status import StatusError, output_status
+
+    try:
+        st = output_status(output)
+    except (StatusError, OSError) as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(st.to_json(), indent=2))
+    else:
+        for line in st.lines():
+            click.echo(line)
+    sys.exit(0 if st.complete else 1)
 
 
 @main.command()
@@ -169,6 +239,86 @@ def regenerate(
         _fail(f"generation failed: {rows[0].error}", code=1)
     Path(out).write_bytes(rows[0].png)
     click.echo(f"wrote {out} (sample {sample_id}, image {image_index}, seed {rows[0].seed})")
+
+
+@main.command()
+@click.argument("output")
+@click.option("--out", help="Where to write the report (default: OUTPUT/report).")
+@click.option("--baseline", help="Variant to compare against (default: the one without pruning).")
+@click.option("--bootstrap", default=1000, show_default=True, help="CLIP bootstrap resamples.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap.")
+@click.option("--pairs", default=8, show_default=True, help="Samples in the HTML image grid.")
+def report(
+    output: str, out: str | None, baseline: str | None, bootstrap: int, seed: int, pairs: int
+) -> None:
+    """Compare the variants of the run at OUTPUT (a path or URL), like the paper's tables.
+
+    Writes report.json, report.md (a Table 2-shaped comparison), card.md (a dataset card) and
+    report.html (one self-contained page with plots and paired images). Works on a run that
+    is still partial and says so.
+    """
+    from catbatch.report import ReportError, ReportOptions, make_report
+
+    options = ReportOptions(baseline=baseline, bootstrap=bootstrap, seed=seed, pairs=pairs)
+    try:
+        result, files = make_report(output, out, options)
+    except (ReportError, OSError) as e:
+        _fail(str(e))
+    data = result.data
+    if data["partial"]:
+        click.echo("partial run: " + "; ".join(data["notes"]), err=True)
+    for name in data["variants_order"]:
+        v = data["variants"][name]
+        speedup = (v.get("vs_baseline") or {}).get("speedup")
+        click.echo(
+            f"{name}: {v['images']} images, {v['failures']} failed"
+            + (f", speed-up {speedup:.2f}x" if speedup else "")
+        )
+    for path in files.values():
+        click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    type=click.Choice(["sd3-medium", "pixart-sigma"]),
+    help="Which model (repeatable; default: both).",
+)
+@click.option("--steps", multiple=True, type=int, help="Step counts (repeatable; default 28, 50).")
+@click.option("--alpha", default=0.3, show_default=True, help="CAT: fraction of tokens computed.")
+@click.option("--resolution", default=1024, show_default=True, help="Image side in pixels.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def macs(
+    models: tuple[str, ...], steps: tuple[int, ...], alpha: float, resolution: int, as_json: bool
+) -> None:
+    """Full and CAT-pruned MACs per image of SD3-medium and PixArt-Sigma, as in the paper.
+
+    The real transformer configs (written out in catbatch.paper_configs, no hub access) are
+    built on the meta device, without weights, and one step of each kind is counted with torch's
+    FLOP counter through the pruning engine's counting path; CFG doubles the rows. Two figures
+    in T (1e12) MACs: "paper" counts the transformer's linear layers and the patch-embedding
+    convolution, as the CAT paper does; "total" adds the attention products. SD3 gets 333 text
+    tokens (77 CLIP + 256 T5), which reproduces the paper's full-model figures; PixArt-Sigma
+    300 T5 tokens. For PixArt with CAT the printed figure counts what the engine runs (text
+    keys/values computed once per generation); "as paper" recomputes them at every full step,
+    which is how the paper's CAT figures appear to be counted. Takes about a minute on a CPU.
+    """
+    from dataclasses import asdict
+
+    from catbatch.paper_configs import NOTES, format_table, paper_macs_table
+
+    if not 0 < alpha <= 1 or resolution % 16:
+        _fail("--alpha must be in (0, 1] and --resolution a multiple of 16")
+    rows = paper_macs_table(
+        models or ("sd3-medium", "pixart-sigma"), steps or (28, 50), alpha, resolution
+    )
+    if as_json:
+        payload = [{**asdict(r), "diff_pct": r.diff_pct} for r in rows]
+        click.echo(json.dumps({"rows": payload, "notes": list(NOTES)}, indent=2))
+    else:
+        click.echo(format_table(rows, alpha))
 
 
 if __name__ == "__main__":

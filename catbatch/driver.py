@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import json
+import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 from tqdm import tqdm
 
-from catbatch import distributor
+from catbatch import distributor, resume
 from catbatch.layout import OutputLayout
+from catbatch.lease import Lease
 from catbatch.manifest import Manifest
 from catbatch.models.loader import ModelLoadError, describe_source
 from catbatch.prompts import Prompt, read_prompts
 from catbatch.runrecord import fingerprint, fingerprint_inputs, run_record
 from catbatch.sharding import Shard, Task, make_shards, make_tasks
+
+log = logging.getLogger(__name__)
 
 
 class JobError(RuntimeError):
@@ -34,11 +42,13 @@ class Plan:
     pending: list[Task]
     model_source: dict
     layout: OutputLayout
+    planned: dict[str, dict[str, int]] = field(default_factory=dict)  # variant -> piece -> images
+    retry: list[Task] = field(default_factory=list)  # committed pieces with failed images
 
     @property
     def images_per_task(self) -> dict[str, int]:
         n = self.manifest.images_per_prompt
-        return {t.key: len(t.shard.prompts) * n for t in self.tasks}
+        return {t.key: len(t.shard.prompts) * n for t in [*self.tasks, *self.pending]}
 
     def counts(self) -> dict[str, int]:
         n_var = len(self.manifest.resolved_variants())
@@ -49,7 +59,7 @@ class Plan:
             "samples": samples,
             "images": samples * n_var,
             "shards": len(self.shards),
-            "tasks": len(self.tasks),
+            "tasks": sum(len(v) for v in self.planned.values()) or len(self.tasks),
             "pending_tasks": len(self.pending),
         }
 
@@ -62,6 +72,10 @@ class Summary:
     skipped_tasks: int = 0
     seconds: float = 0.0
     output: str = ""
+    stopped: bool = False  # SIGTERM: no new shards were started
+    retried_images: int = 0  # --retry-failed: failed images made again
+    recovered_images: int = 0  # of which now ok
+    unfinished_tasks: int = 0  # not committed by this run (pending for the next one)
 
     @property
     def images_per_s(self) -> float:
@@ -73,8 +87,17 @@ class Summary:
             + (f", {self.skipped_tasks} shard(s) already committed" if self.skipped_tasks else ""),
             f"time: {self.seconds:.1f} s ({self.images_per_s:.2f} images/s)",
         ]
+        if self.retried_images:
+            out.append(
+                f"retried {self.retried_images} failed image(s): {self.recovered_images} now ok"
+            )
         for key, err in self.failed_tasks.items():
             out.append(f"shard {key} FAILED after retries: {err.splitlines()[0][:200]}")
+        if self.stopped:
+            out.append(
+                f"stopped by SIGTERM: {self.unfinished_tasks} shard task(s) not committed stay "
+                "pending; rerun the same command to finish"
+            )
         out.append(f"output: {self.output}")
         return out
 
@@ -106,38 +129,52 @@ def _check_resolution(manifest: Manifest) -> None:
                 )
 
 
-def prepare_output(p: Plan, overwrite: bool) -> None:
-    """Check the output is writable and consistent with an earlier run; choose pending tasks."""
+def prepare_output(p: Plan, overwrite: bool, retry_failed: bool = False) -> None:
+    """Check the output is writable and consistent with an earlier run; choose pending tasks
+    (shard pieces not committed, see :mod:`catbatch.resume`) and, with ``retry_failed``, the
+    committed pieces whose failed images to make again. Call it while holding the lease."""
     layout = p.layout
     layout.check_writable()
     old = layout.read_json(layout.run_record)
-    fp = fingerprint(p.manifest)
+    fp = fingerprint(p.manifest, p.model_source)
     if old is not None and old.get("fingerprint") != fp:
         if not overwrite:
-            diff = _differences(old.get("fingerprint_inputs", {}), fingerprint_inputs(p.manifest))
+            new_inputs = fingerprint_inputs(p.manifest, p.model_source)
+            diff = _differences(old.get("fingerprint_inputs", {}), new_inputs)
             raise JobError(
                 f"{layout.display()} holds a different run (fingerprint {old.get('fingerprint')} "
                 f"vs {fp}); differs in: {', '.join(diff) or 'unknown fields'}. Use another "
                 "output or pass --overwrite to replace it."
             )
-        layout.fs.rm(layout.root, recursive=True)
+        _clear_output(layout)
         layout.check_writable()
-    pending = []
+    ipp = p.manifest.images_per_prompt
+    plans: dict[str, resume.VariantPlan] = {}
     for variant in p.manifest.resolved_variants():
-        committed = layout.committed_shards(variant)
-        for t in p.tasks:
-            if t.variant != variant:
-                continue
-            if t.shard.name not in committed:
-                pending.append(t)
-                continue
-            stats = layout.read_json(layout.shard_stats(variant, t.shard.name)) or {}
-            if stats.get("content_hash") != t.shard.content_hash:
-                raise JobError(
-                    f"shard {t.key} is committed but its prompts changed since; restore the "
-                    "prompt source or write to a new output"
-                )
-    p.pending = pending
+        try:
+            plans[variant] = resume.plan_variant(layout, variant, p.shards, ipp)
+        except resume.ResumeError as e:
+            raise JobError(str(e)) from None
+    p.planned = {v: vp.planned(ipp) for v, vp in plans.items()}
+    # shard-major, like make_tasks, so paired variants of a shard finish close together
+    pending = [Task(v, s) for v, vp in plans.items() for s in vp.pending]
+    p.pending = sorted(pending, key=lambda t: (t.shard.index, t.shard.part))
+    p.retry = [
+        Task(v, s)
+        for v, vp in plans.items()
+        for s in vp.committed
+        if retry_failed and s.name in vp.failed_images
+    ]
+
+
+def _clear_output(layout: OutputLayout) -> None:
+    """Delete an output's files for --overwrite, except the lease we hold."""
+    from catbatch.lease import LEASE_DIR
+
+    for entry in layout.fs.ls(layout.root, detail=False):
+        if entry.rstrip("/").rsplit("/", 1)[-1] != LEASE_DIR:
+            layout.fs.rm(entry, recursive=True)
+    layout.fs.invalidate_cache()
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -153,11 +190,17 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def submit(p: Plan, progress: bool = True, num_cpus: int | None = None) -> Summary:
-    """Run the pending tasks on Ray and write the run record; returns the summary."""
+def submit(
+    p: Plan, progress: bool = True, num_cpus: int | None = None, lease: Lease | None = None
+) -> Summary:
+    """Run the pending tasks (then the retries) on Ray and write the run record.
+
+    With a ``lease``, a lease lost to another submission stops the run (no new shards)."""
     m, layout = p.manifest, p.layout
-    summary = Summary(output=layout.display(), skipped_tasks=len(p.tasks) - len(p.pending))
-    record = run_record(m, p.model_source, len(p.prompts), len(p.shards), "running")
+    summary = Summary(output=layout.display(), skipped_tasks=p.counts()["tasks"] - len(p.pending))
+    record = run_record(
+        m, p.model_source, len(p.prompts), len(p.shards), "running", planned=p.planned
+    )
     layout.write_json(layout.run_record, record)
     t0 = time.perf_counter()
     worker_info: dict[str, Any] = {}
@@ -173,15 +216,40 @@ def submit(p: Plan, progress: bool = True, num_cpus: int | None = None) -> Summa
             bar.update(stats["rows"])
 
         try:
-            result = distributor.run_pool(m, p.model_source, p.pending, n, cpus, gpus, on_done)
+            with stop_on_sigterm() as stop:
+                result = distributor.run_pool(
+                    m,
+                    p.model_source,
+                    p.pending,
+                    n,
+                    cpus,
+                    gpus,
+                    on_done,
+                    stop=lambda: stop.is_set() or (lease is not None and lease.lost.is_set()),
+                )
         except ray.exceptions.RayActorError as e:
             raise JobError(f"the workers could not start: {_root_cause(e)}") from None
         finally:
             bar.close()
         summary.failed_tasks = result.failed
+        summary.stopped = result.stopped
+        summary.unfinished_tasks = len(p.pending) - len(result.done)
         worker_info = result.worker_info
+    if p.retry and not summary.stopped and not (lease is not None and lease.lost.is_set()):
+        retried, retry_failed = resume.run_retries(m, p.model_source, p.retry, num_cpus)
+        for stats in retried:
+            summary.retried_images += stats["extra"]["retried_images"]
+            summary.recovered_images += stats["extra"]["recovered_images"]
+        summary.failed_tasks.update(retry_failed)
+    if lease is not None and lease.lost.is_set():
+        raise JobError(
+            f"lost the lease on {layout.display()} to another submission (this driver stalled "
+            "past the lease TTL); stopped without writing the run record"
+        )
     summary.seconds = time.perf_counter() - t0
-    status = "complete" if not summary.failed_tasks else "incomplete"
+    done = summary.unfinished_tasks == 0 and not summary.failed_tasks
+    status = "complete" if done else "incomplete"
+    status = "interrupted" if summary.stopped else status
     record = run_record(
         m,
         p.model_source,
@@ -190,9 +258,32 @@ def submit(p: Plan, progress: bool = True, num_cpus: int | None = None) -> Summa
         status,
         worker_info,
         {**summary.__dict__, "images_per_s": summary.images_per_s},
+        planned=p.planned,
     )
     layout.write_json(layout.run_record, record)
     return summary
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[threading.Event]:
+    """An event set by SIGTERM (preemption) while inside; the previous handler comes back after.
+
+    Outside the main thread (where Python cannot install handlers) the event is never set.
+    """
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handle(signum: int, frame: object) -> None:
+        log.warning("SIGTERM: stopping; running shards may commit, the rest stay pending")
+        stop.set()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _root_cause(e: BaseException) -> str:

@@ -6,13 +6,22 @@
 
 A shard counts as committed only when its stats file exists. Local files are written to a
 temporary name and renamed; object stores publish an object only when its upload completes.
+
+Remote reads and writes retry transient errors (connection refused or reset, timeouts, HTTP 5xx,
+throttling) with exponential backoff for at most ``CATBATCH_STORAGE_RETRY_S`` seconds (default
+300), then raise :class:`StorageError`. Credentials come from the backend's standard chain (for
+S3: ``AWS_*`` environment, ``~/.aws``, instance roles; ``AWS_ENDPOINT_URL`` for other S3 servers)
+and never pass through catbatch.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +29,61 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 RUN_RECORD = "run.json"
+RETRY_ENV = "CATBATCH_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 300.0
+MAX_BACKOFF_S = 10.0
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT_NAMES = {
+    "ConnectionError",  # builtin and botocore (EndpointConnectionError, ConnectTimeoutError...)
+    "TimeoutError",
+    "HTTPClientError",
+    "IncompleteRead",
+    "ResponseParserError",
+    "ClientConnectionError",  # aiohttp
+    "ServerDisconnectedError",
+    "ClientPayloadError",
+}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "Throttling",
+    "RequestTimeout",
+    "ServiceUnavailable",
+    "InternalError",
+}
+
+
+class StorageError(OSError):
+    """The output storage stayed unreachable for the whole retry budget."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a storage error is worth retrying (network, timeouts, 5xx), not a real answer."""
+    if isinstance(error, (FileNotFoundError, FileExistsError, PermissionError, StorageError)):
+        return False
+    for e in (error, error.__cause__):
+        if e is None:
+            continue
+        if any(c.__name__ in _TRANSIENT_NAMES for c in type(e).__mro__):
+            return True
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if status >= 500 or response.get("Error", {}).get("Code") in _TRANSIENT_CODES:
+                return True
+    return False
+
+
+def is_precondition_failed(error: BaseException) -> bool:
+    """An exclusive create that lost: the object already exists."""
+    if isinstance(error, FileExistsError):
+        return True
+    response = getattr(error.__cause__, "response", None) or getattr(error, "response", None)
+    return isinstance(response, dict) and (
+        response.get("Error", {}).get("Code") == "PreconditionFailed"
+        or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+    )
 
 
 @dataclass
@@ -57,6 +121,33 @@ class OutputLayout:
         return path if self.is_local else self.fs.unstrip_protocol(path)
 
     # -- I/O --------------------------------------------------------------------------------
+    def retrying(self, what: str, fn: Callable[[], Any]) -> Any:
+        """``fn()``, retried with backoff while it fails transiently (remote storage only)."""
+        if self.is_local:
+            return fn()
+        budget = float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+        start = time.monotonic()
+        delay, attempt = 0.25, 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                self.fs.invalidate_cache()
+                elapsed = time.monotonic() - start
+                if elapsed + delay > budget:
+                    raise StorageError(
+                        f"{what}: storage unreachable, gave up after {attempt} attempt(s) over "
+                        f"{elapsed:.1f} s ({RETRY_ENV}={budget:g}): {type(e).__name__}: {e}"
+                    ) from e
+                log.warning(
+                    "%s failed (%s: %s); retrying in %.1f s", what, type(e).__name__, e, delay
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF_S)
+
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a whole file so that a crash never leaves a complete-looking partial file."""
         parent = path.rsplit("/", 1)[0]
@@ -73,25 +164,102 @@ class OutputLayout:
                 if os.path.exists(tmp):
                     os.unlink(tmp)
         else:
-            self.fs.pipe_file(path, data)
+            self.retrying(f"writing {self.display(path)}", lambda: self.fs.pipe_file(path, data))
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create ``path`` holding ``data`` only if it does not exist; False if it does.
+
+        Atomic against concurrent creators: ``link(2)`` of a complete temporary file locally, a
+        conditional put (``If-None-Match: *``) on S3 and other stores that support it.
+        """
+        if self.is_local:
+            os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+
+        def put() -> bool:
+            try:
+                self.fs.pipe_file(path, data, mode="create")
+                return True
+            except TypeError:
+                raise OSError(
+                    f"{self.fs.protocol} storage does not support exclusive create"
+                ) from None
+            except Exception as e:
+                if is_precondition_failed(e):
+                    return False
+                raise
+
+        return self.retrying(f"creating {self.display(path)}", put)
 
     def write_json(self, path: str, obj: Any) -> None:
         self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
+    def read_bytes(self, path: str) -> bytes | None:
+        """The file's content, or None when it does not exist."""
+
+        def read() -> bytes | None:
+            try:
+                return self.fs.cat_file(path)
+            except FileNotFoundError:
+                return None
+
+        return self.retrying(f"reading {self.display(path)}", read)
+
     def read_json(self, path: str) -> Any | None:
+        data = self.read_bytes(path)
+        return None if data is None else json.loads(data)
+
+    def read_json_many(self, paths: list[str]) -> dict[str, Any]:
+        """``{path: object}`` for the paths that exist; one batched request on object stores."""
+        if self.is_local or len(paths) < 2:
+            found = {p: self.read_json(p) for p in paths}
+            return {p: obj for p, obj in found.items() if obj is not None}
+        by_key = {self.fs._strip_protocol(p): p for p in paths}
+        blobs = self.retrying(
+            f"reading {len(paths)} files under {self.display()}",
+            lambda: self.fs.cat(list(by_key), on_error="omit"),
+        )
+        return {by_key[k]: json.loads(v) for k, v in blobs.items() if k in by_key}
+
+    def list_names(self, *parts: str) -> list[str]:
+        """Names of the files in a folder (fresh, not from a listing cache); [] if none."""
+        folder = self.path(*parts)
+
+        def ls() -> list[str]:
+            self.fs.invalidate_cache(folder)
+            try:
+                entries = self.fs.ls(folder, detail=False)
+            except FileNotFoundError:
+                return []
+            return sorted(p.rstrip("/").rsplit("/", 1)[1] for p in entries)
+
+        return self.retrying(f"listing {self.display(folder)}", ls)
+
+    def remove(self, path: str) -> None:
+        """Delete a file if it exists."""
         try:
-            with self.fs.open(path, "rb") as f:
-                return json.loads(f.read())
+            self.retrying(f"removing {self.display(path)}", lambda: self.fs.rm_file(path))
         except FileNotFoundError:
-            return None
+            pass
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
 
     def committed_shards(self, variant: str) -> set[str]:
         """Names of the variant's shards whose stats file (commit marker) exists."""
-        pattern = self.path("variants", variant) + "/*.stats.json"
-        return {p.rsplit("/", 1)[1].removesuffix(".stats.json") for p in self.fs.glob(pattern)}
+        names = self.list_names("variants", variant)
+        return {n.removesuffix(".stats.json") for n in names if n.endswith(".stats.json")}
 
     def check_writable(self) -> None:
         """Create the root and write/remove a probe file; raise OSError with a clear reason."""

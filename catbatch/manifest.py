@@ -61,12 +61,44 @@ class RaySpec(_Strict):
     actors: int | Literal["auto"] = "auto"
     resources: Resources = Resources()
     object_store_mb: int = Field(256, ge=64)
+    # fault handling: tries per shard, seconds one batch may take, SIGTERM grace period
+    max_attempts: int = Field(3, ge=1, le=100)
+    batch_timeout_s: float | None = Field(3600.0, gt=0)
+    stop_grace_s: float = Field(20.0, ge=0)
 
     @field_validator("actors")
     @classmethod
     def _positive(cls, v: int | str) -> int | str:
         if isinstance(v, int) and v < 1:
             raise ValueError("must be 'auto' or an integer >= 1")
+        return v
+
+
+class ClipSpec(_Strict):
+    """CLIP score: open_clip model (name or config ``.json``), tag and local weights."""
+
+    model: str = Field("ViT-L-14", min_length=1)
+    pretrained: str | None = "openai"
+    weights: str | None = None  # local open_clip weights; else the user's hub cache
+    enabled: bool = True
+
+
+class MetricsSpec(_Strict):
+    """Per-sample metrics: CLIP score, price per GPU-hour (one number or by device name), MACs."""
+
+    clip: ClipSpec = ClipSpec()
+    price_per_gpu_hour: float | dict[str, float] | None = None
+    macs: bool = True
+
+    @field_validator("price_per_gpu_hour", mode="before")
+    @classmethod
+    def _price(cls, v: Any) -> Any:
+        prices = v.values() if isinstance(v, dict) else [] if v is None else [v]
+        for p in prices:
+            if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < float("inf"):
+                raise ValueError(
+                    "must be a price >= 0, or a mapping of device name (or 'default') to price"
+                )
         return v
 
 
@@ -137,6 +169,7 @@ class Manifest(Sampling):
     shard_size: int = Field(64, ge=1, le=100_000)
     variants: list[Variant] = Field(default_factory=list)
     ray: RaySpec = RaySpec()
+    metrics: MetricsSpec = MetricsSpec()
     # filled in by load_manifest: where the manifest lives, to resolve relative paths
     base_dir: str = Field("", exclude=True)
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import platform
 import time
+from pathlib import PurePosixPath
 from typing import Any
 
 from catbatch.manifest import Manifest
@@ -13,10 +14,14 @@ from catbatch.prompts import source_identity
 from catbatch.writer import SCHEMA_VERSION
 
 
-def fingerprint_inputs(manifest: Manifest) -> dict[str, Any]:
-    """Everything that changes results (not batch size, actors or output location)."""
+def fingerprint_inputs(manifest: Manifest, model_source: dict | None = None) -> dict[str, Any]:
+    """Everything that changes results: model (and the snapshot it resolved to), dtype, every
+    variant's sampling and pruning settings, seed, images per prompt, the prompt source's
+    identity (location and reading options, not content: that is each shard's ``content_hash``)
+    and the shard size. Not batch size, actors, device or output location."""
     return {
         "model": manifest.model.model_dump(exclude={"device"}),
+        "model_snapshot": resolved_snapshot(model_source or {}),
         "variants": {k: v.model_dump() for k, v in manifest.resolved_variants().items()},
         "seed": manifest.seed,
         "images_per_prompt": manifest.images_per_prompt,
@@ -25,8 +30,17 @@ def fingerprint_inputs(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def fingerprint(manifest: Manifest) -> str:
-    blob = json.dumps(fingerprint_inputs(manifest), sort_keys=True, default=str)
+def resolved_snapshot(model_source: dict) -> str | None:
+    """What a model id resolved to: a preset's version or a hub snapshot's commit."""
+    if model_source.get("kind") == "preset":
+        return model_source.get("revision")
+    if model_source.get("kind") == "hub":
+        return PurePosixPath(str(model_source.get("path", ""))).name or None
+    return None
+
+
+def fingerprint(manifest: Manifest, model_source: dict | None = None) -> str:
+    blob = json.dumps(fingerprint_inputs(manifest, model_source), sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -53,12 +67,14 @@ def run_record(
     status: str,
     worker_info: dict | None = None,
     summary: dict | None = None,
+    planned: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
+    """The run record; ``planned`` maps each variant to its pieces and their image counts."""
     return {
         "schema_version": SCHEMA_VERSION,
         "name": manifest.name,
-        "fingerprint": fingerprint(manifest),
-        "fingerprint_inputs": fingerprint_inputs(manifest),
+        "fingerprint": fingerprint(manifest, model_source),
+        "fingerprint_inputs": fingerprint_inputs(manifest, model_source),
         "manifest": manifest.model_dump(mode="json"),
         "variants": list(manifest.resolved_variants()),
         "model_source": model_source,
@@ -66,6 +82,8 @@ def run_record(
         "versions": versions(),
         "prompts": n_prompts,
         "shards": n_shards,
+        "planned_shards": planned or {},
+        "images_per_prompt": manifest.images_per_prompt,
         "status": status,
         "summary": summary or {},
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

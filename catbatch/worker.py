@@ -2,20 +2,39 @@
 
 Free of Ray (the Ray actor in :mod:`catbatch.distributor` wraps it) and of pruning details
 (pruning sections come from the manifest and go to the engine's ``apply_cat``).
+
+A batch that fails (an exception, or out of memory) is split in halves and retried, down to
+single images, so one bad image fails alone; each split is recorded in the shard's stats
+(``extra.batch_splits``) and in the rows (``batch_id`` suffix ``.0``/``.1``, ``batch_size``).
+
+Test hook: ``CATBATCH_TEST_FAULTS`` (JSON, read when a Worker is made; the actor pool forwards it
+to its actors) injects faults for the fault tests and does nothing when unset. Keys:
+``delay_s`` (sleep before each batch), ``fail_ids`` / ``nan_ids`` (sample ids whose batch raises
+/ whose image comes out NaN), ``oom_above`` (batches larger than this raise
+``torch.OutOfMemoryError``), ``crash_shards`` (shard names whose actor SIGKILLs itself) and
+``hang_once`` (a file path: the first batch that finds it missing creates it and hangs).
 """
 
 from __future__ import annotations
 
+import gc
 import io
+import json
+import os
 import platform
+import signal
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from catbatch import metrics
+from catbatch.clipscore import ClipScorer, ClipSetup, clip_setup
 from catbatch.layout import OutputLayout
 from catbatch.manifest import Manifest, Sampling
 from catbatch.models.loader import describe_source, load_pipeline, resolve_device
@@ -23,6 +42,50 @@ from catbatch.prompts import Prompt
 from catbatch.seeds import image_generator, image_seed
 from catbatch.sharding import Task
 from catbatch.writer import Row, ShardStats, write_shard
+
+FAULTS_ENV = "CATBATCH_TEST_FAULTS"
+
+
+class OrphanedTask(RuntimeError):
+    """The driver that handed out the task died; its result must not be committed."""
+
+
+@dataclass
+class InjectedFaults:
+    """Faults injected by the tests through ``CATBATCH_TEST_FAULTS`` (see the module doc)."""
+
+    delay_s: float = 0.0
+    fail_ids: list[str] = field(default_factory=list)
+    nan_ids: list[str] = field(default_factory=list)
+    oom_above: int | None = None
+    crash_shards: list[str] = field(default_factory=list)
+    hang_once: str | None = None
+
+    @classmethod
+    def from_env(cls) -> InjectedFaults | None:
+        text = os.environ.get(FAULTS_ENV)
+        return cls(**json.loads(text)) if text else None
+
+    def before_task(self, task: Task) -> None:
+        if task.shard.name in self.crash_shards:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def before_batch(self, batch: list[Item]) -> None:
+        time.sleep(self.delay_s)
+        if self.hang_once and not os.path.exists(self.hang_once):
+            open(self.hang_once, "w").close()
+            time.sleep(86400)
+        if self.oom_above is not None and len(batch) > self.oom_above:
+            raise torch.OutOfMemoryError(f"injected out of memory at batch size {len(batch)}")
+        failing = [it.prompt.sample_id for it in batch if it.prompt.sample_id in self.fail_ids]
+        if failing:
+            raise RuntimeError(f"injected failure for sample {failing[0]}")
+
+    def after_batch(self, batch: list[Item], images: np.ndarray) -> np.ndarray:
+        for n, it in enumerate(batch):
+            if it.prompt.sample_id in self.nan_ids:
+                images[n] = np.nan
+        return images
 
 
 @dataclass(frozen=True)
@@ -60,6 +123,18 @@ class Worker:
         self.variants = manifest.resolved_variants()
         self._pruning: dict | None = None
         self._call_kwargs = _pipeline_call_kwargs(self.pipe)
+        self.faults = InjectedFaults.from_env()
+        self.batch_started: float | None = None  # monotonic start of the running batch
+        self.batch_splits: list[dict[str, Any]] = []  # of the current task
+        # False once the driver that owns this worker is gone: stop before the next batch and
+        # never commit (a rerun may be writing the same shard); set by the Ray actor
+        self.owner_alive: Callable[[], bool] = lambda: True
+        self._init_metrics()
+
+    def batch_elapsed(self) -> float | None:
+        """Seconds the running batch has taken so far (None between batches)."""
+        started = self.batch_started
+        return None if started is None else time.monotonic() - started
 
     # -- public -----------------------------------------------------------------------------
     def items(self, prompts: tuple[Prompt, ...] | list[Prompt]) -> list[Item]:
@@ -73,6 +148,9 @@ class Worker:
     def run_task(self, task: Task, layout: OutputLayout) -> ShardStats:
         """Generate every image of the task's shard and commit the shard."""
         start = time.perf_counter()
+        if self.faults:
+            self.faults.before_task(task)
+        self.batch_splits = []
         settings = self.variants[task.variant]
         items = self.items(task.shard.prompts)
         rows: list[Row] = []
@@ -82,10 +160,12 @@ class Worker:
             if it.prompt.problem is not None:
                 rows.append(self._row(it, task, settings, None, "-", 0, 0.0, it.prompt.problem))
         for b in range(0, len(good), bs):
+            self._check_owner(task)
             batch = good[b : b + bs]
             rows.extend(self.generate_rows(batch, task, settings, f"{task.shard.name}-b{b // bs}"))
         order = {(it.prompt.sample_id, it.image_index): n for n, it in enumerate(items)}
         rows.sort(key=lambda r: order[(r.sample_id, r.image_index)])
+        self._check_owner(task)
         return write_shard(
             layout,
             task.variant,
@@ -94,33 +174,72 @@ class Worker:
             rows,
             time.perf_counter() - start,
             self.device_name,
+            {"batch_splits": self.batch_splits} if self.batch_splits else None,
         )
+
+    def _check_owner(self, task: Task) -> None:
+        if not self.owner_alive():
+            raise OrphanedTask(f"the driver of {task.key} is gone; the shard was not committed")
 
     def generate_rows(
         self, batch: list[Item], task: Task, settings: Sampling, batch_id: str
     ) -> list[Row]:
-        """Run one batch; a failure marks each of its images failed instead of raising."""
+        """Run one batch; a failure splits it in halves (down to 1), then marks the images failed.
+
+        Out of memory and any other exception are handled alike, so a single bad image fails
+        alone and its batch-mates are made in smaller batches; nothing raises.
+        """
         t0 = time.perf_counter()
+        self.batch_started = time.monotonic()
         try:
             images = self.generate(batch, settings)
             error = None
-        except Exception as e:  # noqa: BLE001 - recorded per row
+        except Exception as e:  # noqa: BLE001 - retried smaller, then recorded per row
             images, error = None, f"{type(e).__name__}: {e}"
+            if isinstance(e, torch.OutOfMemoryError):
+                _free_memory()
+        finally:
+            self.batch_started = None
+        if error is not None and len(batch) > 1:
+            self.batch_splits.append({"batch_id": batch_id, "size": len(batch), "error": error})
+            half = (len(batch) + 1) // 2
+            return self.generate_rows(
+                batch[:half], task, settings, f"{batch_id}.0"
+            ) + self.generate_rows(batch[half:], task, settings, f"{batch_id}.1")
+        finite = [images is not None and np.isfinite(images[n]).all() for n in range(len(batch))]
+        scores, t_score = self._clip_scores(batch, images, finite)
         latency = (time.perf_counter() - t0) / len(batch)
+        per_row = (
+            self._batch_metrics(batch, settings, latency, t_score) if images is not None else {}
+        )
         rows = []
         for n, it in enumerate(batch):
             img = None if images is None else images[n]
             err = error
-            if img is not None and not np.isfinite(img).all():
+            if img is not None and not finite[n]:
                 img, err = None, "non-finite pixel values (NaN or inf) in the pipeline output"
             png = None if img is None else encode_png(_to_uint8(img))
-            rows.append(self._row(it, task, settings, png, batch_id, len(batch), latency, err))
+            extra = {} if img is None else {**per_row, **self._sample_metrics(it, scores[n])}
+            rows.append(
+                self._row(it, task, settings, png, batch_id, len(batch), latency, err, **extra)
+            )
         return rows
 
     def generate(self, batch: list[Item], settings: Sampling) -> np.ndarray:
         """Images as float arrays in [0, 1], shape (len(batch), H, W, 3)."""
         self._configure_pruning(settings.pruning)
-        out = self.pipe(
+        if self.faults:
+            self.faults.before_batch(batch)
+        recording = self.macs_counter.recording() if self.macs_counter else nullcontext()
+        start = time.perf_counter()
+        with recording, metrics.PhaseTimer(self.pipe, self._sync) as timer:
+            out = self._call_pipeline(batch, settings)
+        self.last_timing = {"pipeline": time.perf_counter() - start, **timer.seconds}
+        images = np.asarray(out.images)
+        return self.faults.after_batch(batch, images) if self.faults else images
+
+    def _call_pipeline(self, batch: list[Item], settings: Sampling) -> Any:
+        return self.pipe(
             prompt=[it.prompt.prompt for it in batch],
             negative_prompt=[settings.negative_prompt] * len(batch),
             num_inference_steps=settings.steps,
@@ -131,7 +250,6 @@ class Worker:
             output_type="np",
             **self._call_kwargs,
         )
-        return np.asarray(out.images)
 
     # -- internals --------------------------------------------------------------------------
     def _configure_pruning(self, section: dict[str, Any] | None) -> None:
@@ -153,7 +271,7 @@ class Worker:
             **settings.model_dump(),
         }
 
-    def _row(self, it, task, settings, png, batch_id, batch_size, latency, error) -> Row:
+    def _row(self, it, task, settings, png, batch_id, batch_size, latency, error, **extra) -> Row:
         return Row(
             sample_id=it.prompt.sample_id,
             image_index=it.image_index,
@@ -171,7 +289,122 @@ class Worker:
             device=self.device_name,
             status="ok" if error is None else "failed",
             error=error,
+            **extra,
         )
+
+    # -- per-sample metrics (catbatch.metrics, catbatch.clipscore) ------------------------------
+    def _init_metrics(self) -> None:
+        spec = self.manifest.metrics
+        transformer = getattr(self.pipe, "transformer", None)
+        self.macs_counter = (
+            metrics.MacsCounter(transformer) if spec.macs and transformer is not None else None
+        )
+        self.prompt_limits = metrics.prompt_limits(self.pipe)
+        self.devices_held = metrics.devices_held(self.device, self.manifest.ray.resources.gpus)
+        self.price = metrics.price_for(spec.price_per_gpu_hour, self.device_name)
+        self._sync = torch.cuda.synchronize if self.device.startswith("cuda") else None
+        self.warmed_up = False  # the first batch that runs is the warm-up batch
+        self.last_timing: dict[str, float] = {}
+        self.notes: list[str] = []
+        weights = spec.clip.weights and self.manifest.resolve_path(spec.clip.weights)
+        model = spec.clip.model
+        if model.endswith(".json"):
+            model = self.manifest.resolve_path(model)
+        self.clip_setup: ClipSetup = clip_setup(
+            model, spec.clip.pretrained, weights, spec.clip.enabled
+        )
+        self.clip: ClipScorer | None = None
+        if self.clip_setup.available:
+            try:
+                self.clip = ClipScorer(self.clip_setup, self.device)
+            except Exception as e:  # noqa: BLE001 - recorded; the images are still made
+                self._note(f"CLIP model not loaded ({type(e).__name__}: {e})")
+
+    def _note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.append(message)
+
+    def metrics_info(self) -> dict[str, Any]:
+        """For the run record: how MACs, cost and the CLIP score are obtained, or why not."""
+        clip = self.clip_setup.to_dict()
+        if self.clip_setup.available and self.clip is None:
+            clip["available"] = False
+        return {
+            "clip": clip,
+            "macs": "counted" if self.macs_counter else "disabled",
+            "devices_held": self.devices_held,
+            "price_per_gpu_hour": self.price,
+            "notes": list(self.notes),
+        }
+
+    def _clip_scores(
+        self, batch: list[Item], images: np.ndarray | None, finite: list[bool]
+    ) -> tuple[list[float | None], float | None]:
+        """CLIP scores of the finite images (None where not scored) and the seconds it took."""
+        scores: list[float | None] = [None] * len(batch)
+        todo = [n for n in range(len(batch)) if finite[n]]
+        if self.clip is None or images is None or not todo:
+            return scores, None
+        start = time.perf_counter()
+        try:
+            values = self.clip.score(images[todo], [batch[n].prompt.prompt for n in todo])
+        except Exception as e:  # noqa: BLE001 - a scoring failure leaves the score empty
+            self._note(f"CLIP scoring failed ({type(e).__name__}: {e})")
+            return scores, None
+        for n, value in zip(todo, values, strict=True):
+            scores[n] = value
+        return scores, time.perf_counter() - start
+
+    def _batch_metrics(
+        self, batch: list[Item], settings: Sampling, latency: float, t_score: float | None
+    ) -> dict[str, Any]:
+        """Metrics shared by the images of a batch that ran (per image: batch value / size)."""
+        n = len(batch)
+        timing = self.last_timing
+        text, vae = timing.get("text", 0.0), timing.get("vae", 0.0)
+        gpu_seconds = latency * self.devices_held
+        warmup, self.warmed_up = not self.warmed_up, True
+        out = {
+            "t_text_s": text / n,
+            "t_denoise_s": max(timing.get("pipeline", 0.0) - text - vae, 0.0) / n,
+            "t_vae_s": vae / n,
+            "t_score_s": None if t_score is None else t_score / n,
+            "warmup": warmup,
+            "gpu_seconds": gpu_seconds,
+            "cost_usd": metrics.cost_usd(gpu_seconds, self.price),
+        }
+        macs = self._macs(n, settings)
+        if macs is not None:
+            out.update(macs_paper=macs.paper, macs_total=macs.total)
+        return out
+
+    def _macs(self, batch_size: int, settings: Sampling) -> metrics.Macs | None:
+        if self.macs_counter is None:
+            return None
+        from catbatch.pruning import CATConfig, get_cat_state
+
+        config = None if settings.pruning is None else CATConfig.from_dict(settings.pruning)
+        state = get_cat_state(self.pipe)
+        steps = None if state is None else (state.full_steps, state.pruned_steps)
+        try:
+            return self.macs_counter.per_image(batch_size, config, steps)
+        except Exception as e:  # noqa: BLE001 - counting never fails an image
+            self._note(f"MACs not counted ({type(e).__name__}: {e})")
+            return None
+
+    def _sample_metrics(self, it: Item, score: float | None) -> dict[str, Any]:
+        return {
+            "clip_score": score,
+            "clip_model": None if score is None else self.clip_setup.label,
+            "prompt_truncated": metrics.is_truncated(it.prompt.prompt, self.prompt_limits),
+        }
+
+
+def _free_memory() -> None:
+    """Give cached accelerator memory back before a smaller retry."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _to_uint8(img: np.ndarray) -> np.ndarray:

@@ -16,6 +16,11 @@ from catbatch.layout import OutputLayout
 
 SCHEMA_VERSION = 1
 
+
+def _described(name: str, type_: pa.DataType, description: str) -> pa.Field:
+    return pa.field(name, type_, metadata={"description": description})
+
+
 SCHEMA = pa.schema(
     [
         ("sample_id", pa.string()),
@@ -36,12 +41,49 @@ SCHEMA = pa.schema(
         ("error", pa.string()),
     ]
 )
+_BASE_COLUMNS = {f.name for f in SCHEMA}
+SCHEMA = pa.schema(
+    [
+        *SCHEMA,
+        # per-sample metrics (catbatch.metrics, catbatch.clipscore); empty on failed rows
+        _described(
+            "macs_paper",
+            pa.float64(),
+            "MACs per image, CFG included: transformer linear "
+            "layers + patch embedding over every step it ran (the CAT paper's count)",
+        ),
+        _described("macs_total", pa.float64(), "as macs_paper, plus attention (QK^T, PV)"),
+        _described("t_text_s", pa.float64(), "text encoding: the batch's seconds / batch size"),
+        _described(
+            "t_denoise_s", pa.float64(), "denoising: pipeline call minus text and VAE, per image"
+        ),
+        _described("t_vae_s", pa.float64(), "VAE decoding seconds per image"),
+        _described("t_score_s", pa.float64(), "CLIP scoring seconds per image"),
+        _described("warmup", pa.bool_(), "first batch of an actor: left out of aggregates"),
+        _described("gpu_seconds", pa.float64(), "latency_s x GPUs held by the actor (1 on CPU)"),
+        _described("cost_usd", pa.float64(), "gpu_seconds x price per GPU-hour / 3600"),
+        _described(
+            "clip_score",
+            pa.float64(),
+            "100 * max(cosine(image, text), 0), open_clip, prompt truncated to the model's context",
+        ),
+        _described("clip_model", pa.string(), "open_clip model/pretrained tag of clip_score"),
+        _described(
+            "prompt_truncated",
+            pa.bool_(),
+            "prompt longer than a text encoder's limit (CLIP 77 tokens, T5 max_sequence_length)",
+        ),
+    ]
+)
+
+METRIC_COLUMNS = tuple(f.name for f in SCHEMA if f.name not in _BASE_COLUMNS)
 
 _HF_TYPES = {
     pa.string(): "string",
     pa.int32(): "int32",
     pa.int64(): "int64",
     pa.float64(): "float64",
+    pa.bool_(): "bool",
 }
 
 
@@ -84,6 +126,18 @@ class Row:
     device: str
     status: str = "ok"
     error: str | None = None
+    macs_paper: float | None = None
+    macs_total: float | None = None
+    t_text_s: float | None = None
+    t_denoise_s: float | None = None
+    t_vae_s: float | None = None
+    t_score_s: float | None = None
+    warmup: bool = False
+    gpu_seconds: float | None = None
+    cost_usd: float | None = None
+    clip_score: float | None = None
+    clip_model: str | None = None
+    prompt_truncated: bool = False
 
 
 @dataclass

@@ -7,6 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from s3server import configure_env, s3_server  # noqa: F401 - session fixture
 
 # Nothing in the tests may reach a model hub; Ray's token auth is off for the private cluster.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -15,6 +16,8 @@ os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # One preset cache for the whole session (set before Ray starts so actors inherit it).
 os.environ.setdefault("CATBATCH_CACHE", str(Path(tempfile.gettempdir()) / "catbatch-test-cache"))
+# S3 clients (here and in Ray actors) talk to the loopback SeaweedFS of `s3_server`.
+configure_env()
 
 
 @pytest.fixture(scope="session")

@@ -103,8 +103,14 @@ def check_output(out: Path, n_rows: int, size: int = 128) -> list[dict]:
 @pytest.fixture(scope="module")
 def sd3_run(tmp_path_factory, ray_cluster):
     """One tiny-sd3 run (2 actors, shards of 3 prompts, batch 4, 2 images per prompt)."""
+    from test_clipscore import write_tiny_clip
+
     tmp = tmp_path_factory.mktemp("sd3")
     path = make_manifest(tmp, output="a", ipp=2, shard=3, batch=4)
+    clip_config, clip_weights = write_tiny_clip(tmp, "catbatch-e2e-clip")
+    clip = f"{{model: {clip_config}, pretrained: null, weights: {clip_weights}}}"
+    metrics = f"{{price_per_gpu_hour: 3.6, clip: {clip}}}"
+    path.write_text(path.read_text() + f"metrics: {metrics}\n")
     submit(path)
     return tmp, path
 
@@ -125,6 +131,19 @@ def test_sd3_output(sd3_run):
     assert rows[0]["sample_id"] == rows[1]["sample_id"]
     assert rows[0]["image"]["bytes"] != rows[1]["image"]["bytes"]
     assert json.loads(rows[0]["settings"])["steps"] == 4
+    # per-sample metrics (catbatch.metrics, catbatch.clipscore)
+    assert len({(r["macs_paper"], r["macs_total"]) for r in rows}) == 1  # same passes per image
+    assert 0 < rows[0]["macs_paper"] < rows[0]["macs_total"]
+    for r in rows:
+        phases = r["t_text_s"] + r["t_denoise_s"] + r["t_vae_s"] + r["t_score_s"]
+        assert min(r["t_text_s"], r["t_denoise_s"], r["t_vae_s"], r["t_score_s"]) > 0
+        assert phases <= r["latency_s"] + 1e-9
+        assert r["gpu_seconds"] == r["latency_s"]  # CPU actor: one device
+        assert r["cost_usd"] == pytest.approx(r["latency_s"] * 3.6 / 3600)
+        assert 0 <= r["clip_score"] <= 100 and r["clip_model"] == "catbatch-e2e-clip"
+        assert r["prompt_truncated"] is False
+    warm = {r["batch_id"] for r in rows if r["warmup"]}  # the first batch of each actor
+    assert 1 <= len(warm) <= 2 and not all(r["warmup"] for r in rows)
 
 
 def test_output_reads_with_datasets(sd3_run):

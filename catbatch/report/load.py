@@ -1,0 +1,149 @@
+"""Reading a run's output for a report: the run record, committed shards and their rows.
+
+Only committed shards (those with a ``.stats.json``) are read. Metric columns are read without
+the image column; images are read one shard at a time when fidelity needs them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from catbatch.layout import OutputLayout
+
+# Columns of the per-sample rows; older outputs may lack the metric ones.
+BASE_COLUMNS = (
+    "sample_id",
+    "image_index",
+    "prompt",
+    "prompt_metadata",
+    "seed",
+    "variant",
+    "settings",
+    "width",
+    "height",
+    "batch_id",
+    "batch_size",
+    "latency_s",
+    "device",
+    "status",
+    "error",
+)
+METRIC_COLUMNS = (
+    "macs_paper",
+    "macs_total",
+    "t_text_s",
+    "t_denoise_s",
+    "t_vae_s",
+    "t_score_s",
+    "warmup",
+    "gpu_seconds",
+    "cost_usd",
+    "clip_score",
+    "clip_model",
+    "prompt_truncated",
+)
+
+Key = tuple[str, int]  # (sample_id, image_index)
+
+
+@dataclass
+class VariantData:
+    """The committed rows (without images) of one variant and its shards' stats."""
+
+    name: str
+    rows: list[dict[str, Any]]
+    stats: dict[str, dict[str, Any]]  # shard name -> stats file content
+    key_shard: dict[Key, str]  # where each row lives
+    columns: set[str]
+    uncommitted: list[str] = field(default_factory=list)  # Parquet files without stats
+    planned_settings: dict[str, Any] | None = None  # from the run record, for rowless variants
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """The settings of the first row (all rows of a variant share them), else the run
+        record's sampling settings of the variant."""
+        for r in self.rows:
+            if r.get("settings"):
+                return json.loads(r["settings"])
+        return dict(self.planned_settings or {})
+
+
+@dataclass
+class RunData:
+    layout: OutputLayout
+    record: dict[str, Any] | None
+    variants: dict[str, VariantData]
+
+
+def variant_names(layout: OutputLayout, record: dict[str, Any] | None) -> list[str]:
+    """The run record's variants in order, then any other folder under ``variants/``."""
+    names = list((record or {}).get("variants") or [])
+    for n in layout.list_names("variants"):
+        if n not in names and not n.startswith("."):
+            names.append(n)
+    return names
+
+
+def _read_table(layout: OutputLayout, path: str, columns: list[str] | None) -> pa.Table:
+    def read() -> pa.Table:
+        with layout.fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    return layout.retrying(f"reading {layout.display(path)}", read)
+
+
+def shard_columns(layout: OutputLayout, path: str) -> set[str]:
+    def read() -> set[str]:
+        with layout.fs.open(path, "rb") as f:
+            return set(pq.read_schema(f).names)
+
+    return layout.retrying(f"reading the schema of {layout.display(path)}", read)
+
+
+def load_variant(layout: OutputLayout, name: str) -> VariantData:
+    names = layout.list_names("variants", name)
+    committed = sorted(n.removesuffix(".stats.json") for n in names if n.endswith(".stats.json"))
+    parquet = {n.removesuffix(".parquet") for n in names if n.endswith(".parquet")}
+    rows: list[dict[str, Any]] = []
+    stats: dict[str, dict[str, Any]] = {}
+    key_shard: dict[Key, str] = {}
+    columns: set[str] = set()
+    for shard in committed:
+        stats[shard] = layout.read_json(layout.shard_stats(name, shard)) or {}
+        path = layout.shard_parquet(name, shard)
+        present = shard_columns(layout, path)
+        columns |= present
+        wanted = [c for c in (*BASE_COLUMNS, *METRIC_COLUMNS) if c in present]
+        for r in _read_table(layout, path, wanted).to_pylist():
+            r["_shard"] = shard
+            key_shard[(r["sample_id"], r["image_index"])] = shard
+            rows.append(r)
+    rows.sort(key=lambda r: (r["sample_id"], r["image_index"]))
+    return VariantData(name, rows, stats, key_shard, columns, sorted(parquet - set(committed)))
+
+
+def load_run(layout: OutputLayout) -> RunData:
+    record = layout.read_json(layout.run_record)
+    variants = {n: load_variant(layout, n) for n in variant_names(layout, record)}
+    planned = ((record or {}).get("fingerprint_inputs") or {}).get("variants") or {}
+    for name, vd in variants.items():
+        vd.planned_settings = planned.get(name)
+    return RunData(layout, record, variants)
+
+
+def shard_images(layout: OutputLayout, variant: str, shard: str) -> dict[Key, bytes]:
+    """PNG bytes of a shard's ok rows, by (sample_id, image_index)."""
+    table = _read_table(
+        layout, layout.shard_parquet(variant, shard), ["sample_id", "image_index", "image"]
+    )
+    out = {}
+    for r in table.to_pylist():
+        img = r["image"]
+        if img and img.get("bytes"):
+            out[(r["sample_id"], r["image_index"])] = img["bytes"]
+    return out

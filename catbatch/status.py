@@ -1,0 +1,131 @@
+"""``catbatch status OUTPUT``: committed, pending and failed shards and images, per variant.
+
+Reads only the output (local or any fsspec URL): the run record's planned pieces (written at
+submit), the stats files (commit markers) and the lease. Needs no manifest or prompt source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from catbatch.layout import OutputLayout
+from catbatch.lease import current_lease
+
+
+class StatusError(RuntimeError):
+    """The location holds no catbatch run."""
+
+
+@dataclass
+class VariantStatus:
+    planned_shards: int = 0
+    committed_shards: int = 0
+    pending_shards: list[str] = field(default_factory=list)  # planned, not committed
+    failed_shards: dict[str, str] = field(default_factory=dict)  # pending after failing
+    shards_with_failed_images: list[str] = field(default_factory=list)
+    images_planned: int = 0
+    images_ok: int = 0
+    images_failed: int = 0
+    images_pending: int = 0
+
+
+@dataclass
+class OutputStatus:
+    output: str
+    name: str
+    run_status: str
+    updated_at: str
+    lease: str
+    variants: dict[str, VariantStatus]
+
+    @property
+    def complete(self) -> bool:
+        return all(not v.pending_shards for v in self.variants.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "complete": self.complete}
+
+    def lines(self) -> list[str]:
+        out = [
+            f"output: {self.output}",
+            f"run: {self.name}, last submit {self.run_status} at {self.updated_at}",
+            f"lease: {self.lease}",
+        ]
+        head = ("variant", "shards", "pending", "failed", "images ok", "failed", "pending")
+        rows = [head] + [
+            (
+                name,
+                f"{v.committed_shards}/{v.planned_shards}",
+                str(len(v.pending_shards)),
+                str(len(v.failed_shards)),
+                str(v.images_ok),
+                str(v.images_failed),
+                str(v.images_pending),
+            )
+            for name, v in self.variants.items()
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+        for r in rows:
+            out.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        for name, v in self.variants.items():
+            for shard, err in v.failed_shards.items():
+                out.append(f"failed shard {name}/{shard}: {err.splitlines()[0][:200]}")
+            if v.shards_with_failed_images:
+                out.append(
+                    f"{name}: failed images in {', '.join(v.shards_with_failed_images[:10])}"
+                    + (" ..." if len(v.shards_with_failed_images) > 10 else "")
+                    + " (submit --retry-failed makes them again)"
+                )
+        out.append("complete" if self.complete else "incomplete: submit the same manifest again")
+        return out
+
+
+def output_status(url: str) -> OutputStatus:
+    layout = OutputLayout(url)
+    record = layout.read_json(layout.run_record)
+    if record is None:
+        raise StatusError(f"{layout.display()} holds no catbatch run (no {layout.run_record})")
+    planned: dict[str, dict[str, int]] = record.get("planned_shards") or {}
+    failed_tasks: dict[str, str] = (record.get("summary") or {}).get("failed_tasks") or {}
+    variants = {}
+    for variant in record.get("variants", list(planned)):
+        v = VariantStatus()
+        pieces = planned.get(variant, {})
+        committed = layout.committed_shards(variant)
+        stats = _read_stats(layout, variant, sorted(committed))
+        v.planned_shards = len(pieces)
+        v.committed_shards = len(committed & set(pieces))
+        v.images_planned = sum(pieces.values())
+        for name, n_images in pieces.items():
+            if name not in committed:
+                v.pending_shards.append(name)
+                v.images_pending += n_images
+                if f"{variant}/{name}" in failed_tasks:
+                    v.failed_shards[name] = failed_tasks[f"{variant}/{name}"]
+        for name, s in stats.items():
+            v.images_ok += int(s.get("images_ok", 0))
+            v.images_failed += int(s.get("images_failed", 0))
+            if s.get("images_failed"):
+                v.shards_with_failed_images.append(name)
+        variants[variant] = v
+    return OutputStatus(
+        output=layout.display(),
+        name=str(record.get("name", "?")),
+        run_status=str(record.get("status", "?")),
+        updated_at=str(record.get("updated_at", "?")),
+        lease=_lease_line(layout),
+        variants=variants,
+    )
+
+
+def _read_stats(layout: OutputLayout, variant: str, names: list[str]) -> dict[str, dict]:
+    paths = {layout.shard_stats(variant, n): n for n in names}
+    return {paths[p]: obj for p, obj in layout.read_json_many(list(paths)).items()}
+
+
+def _lease_line(layout: OutputLayout) -> str:
+    info = current_lease(layout)
+    if info is None or not info.live():
+        return "free"
+    return info.describe()

@@ -1,0 +1,66 @@
+"""Paper-scale MACs: the real SD3-medium and PixArt-Sigma configs on the meta device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from catbatch import paper_configs
+from catbatch.cli import main
+from catbatch.paper_configs import PAPER_MODELS, paper_macs_table
+
+
+@pytest.fixture(scope="module")
+def table():
+    rows = paper_macs_table(("sd3-medium", "pixart-sigma"), (28, 50), alpha=0.3)
+    return {(r.model, r.variant, r.steps): r for r in rows}
+
+
+@pytest.mark.parametrize("model", ["SD3-medium", "PixArt-Sigma"])
+@pytest.mark.parametrize("steps", [28, 50])
+def test_meta_figures_match_the_paper(table, model, steps):
+    spec = next(s for s in PAPER_MODELS.values() if s.name == model)
+    full, cat = table[(model, "full", steps)], table[(model, "cat", steps)]
+    assert full.paper_t == pytest.approx(spec.paper_macs[("full", steps)], rel=0.005)
+    assert cat.paper_t == pytest.approx(spec.paper_macs[("cat", steps)], rel=0.01)
+    assert full.reference_t == spec.paper_macs[("full", steps)]
+    assert full.total_t > full.paper_t and cat.total_t > cat.paper_t
+    assert cat.total_t < full.total_t
+    if spec.family == "pixart":  # recomputing text K/V at full steps is the paper's figure
+        assert cat.as_paper_t == pytest.approx(spec.paper_macs[("cat", steps)], rel=0.002)
+        assert cat.as_paper_t > cat.paper_t
+
+
+def test_full_macs_scale_with_steps(table):
+    for model in ("SD3-medium", "PixArt-Sigma"):
+        f28, f50 = table[(model, "full", 28)], table[(model, "full", 50)]
+        assert f50.paper_t == pytest.approx(f28.paper_t * 50 / 28, rel=1e-12)
+
+
+def test_real_configs_are_the_published_ones():
+    sd3 = PAPER_MODELS["sd3-medium"].build("meta")
+    assert len(sd3.transformer_blocks) == 24 and sd3.inner_dim == 24 * 64
+    assert sd3.config.pos_embed_max_size == 192 and sd3.config.pooled_projection_dim == 2048
+    pixart = PAPER_MODELS["pixart-sigma"].build("meta")
+    assert len(pixart.transformer_blocks) == 28 and pixart.inner_dim == 16 * 72
+    assert pixart.config.out_channels == 8 and not pixart.use_additional_conditions
+    assert PAPER_MODELS["sd3-medium"].text_tokens == 333
+    assert PAPER_MODELS["pixart-sigma"].text_tokens == 300
+
+
+def test_cli_prints_the_table(table, monkeypatch):
+    rows = list(table.values())
+    monkeypatch.setattr(paper_configs, "paper_macs_table", lambda *a, **k: rows)
+    res = CliRunner().invoke(main, ["macs"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    sd3_28 = next(line for line in lines if line.startswith("SD3-medium") and " 28 full" in line)
+    assert f"{table[('SD3-medium', 'full', 28)].paper_t:.2f}" in sd3_28 and "168.28" in sd3_28
+    assert "linear layers + patch-embedding" in res.output and "333 text tokens" in res.output
+    res = CliRunner().invoke(main, ["macs", "--json"])
+    data = json.loads(res.output)
+    assert len(data["rows"]) == 8 and all(abs(r["diff_pct"]) < 1 for r in data["rows"])
+    res = CliRunner().invoke(main, ["macs", "--alpha", "0"])
+    assert res.exit_code == 2 and "--alpha" in res.output
