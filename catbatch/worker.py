@@ -37,7 +37,12 @@ from catbatch import metrics
 from catbatch.clipscore import ClipScorer, ClipSetup, clip_setup
 from catbatch.layout import OutputLayout
 from catbatch.manifest import Manifest, Sampling
-from catbatch.models.loader import describe_source, load_pipeline, resolve_device
+from catbatch.models.loader import (
+    describe_source,
+    load_pipeline,
+    pipeline_call_kwargs,
+    resolve_device,
+)
 from catbatch.prompts import Prompt
 from catbatch.seeds import image_generator, image_seed
 from catbatch.sharding import Task
@@ -122,7 +127,7 @@ class Worker:
         self.device_name = device_name(self.device)
         self.variants = manifest.resolved_variants()
         self._pruning: dict | None = None
-        self._call_kwargs = _pipeline_call_kwargs(self.pipe)
+        self._call_kwargs = pipeline_call_kwargs(self.pipe)
         self.faults = InjectedFaults.from_env()
         self.batch_started: float | None = None  # monotonic start of the running batch
         self.batch_splits: list[dict[str, Any]] = []  # of the current task
@@ -410,11 +415,3 @@ def _free_memory() -> None:
 def _to_uint8(img: np.ndarray) -> np.ndarray:
     """As diffusers' ``numpy_to_pil``: round(x * 255)."""
     return (np.clip(img, 0.0, 1.0) * 255).round().astype("uint8")
-
-
-def _pipeline_call_kwargs(pipe: Any) -> dict[str, Any]:
-    """Extra call arguments some pipeline classes need for exact, offline generation."""
-    name = type(pipe).__name__
-    if name.startswith("PixArt"):
-        return {"use_resolution_binning": False, "clean_caption": False}
-    return {}

@@ -109,3 +109,15 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError("model.device is 'cuda' but no CUDA device is visible to this worker")
     return device
+
+
+def pipeline_call_kwargs(pipe: Any) -> dict[str, Any]:
+    """Extra call kwargs a caller must pass for this pipeline class (empty for SD3).
+
+    PixArt: resolution binning would snap the requested size to the aspect-ratio table of the
+    real model, and caption cleaning needs bs4/ftfy; both are turned off so the image has the
+    size asked for and prompts go to the tokenizer as given.
+    """
+    if type(pipe).__name__.startswith("PixArt"):
+        return {"use_resolution_binning": False, "clean_caption": False}
+    return {}

@@ -38,6 +38,7 @@ from diffusers import (
 from packaging.version import Version
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
+from catbatch.models.loader import pipeline_call_kwargs  # noqa: F401  (re-exported)
 from catbatch.models.tokenizers import (
     CLIP_MAX_LENGTH,
     CLIP_VOCAB_SIZE,
@@ -220,18 +221,6 @@ def build_tiny_pipeline(name: str, seed: int = 0) -> DiffusionPipeline:
     if name == "tiny-pixart":
         return _build_pixart(name, seed)
     return _build_sd3(name, seed, sd35=name == "tiny-sd35")
-
-
-def pipeline_call_kwargs(pipe: DiffusionPipeline) -> dict[str, Any]:
-    """Extra call kwargs a caller must pass for this pipeline class (empty for SD3).
-
-    PixArt: resolution binning would snap the requested size to the aspect-ratio table of the real
-    model, and caption cleaning needs bs4/ftfy; both are turned off so the image has the size
-    asked for and prompts go to the tokenizer as given.
-    """
-    if isinstance(pipe, PixArtSigmaPipeline):
-        return {"use_resolution_binning": False, "clean_caption": False}
-    return {}
 
 
 def preset_dir(name: str, cache_dir: str | Path | None = None, *, seed: int = 0) -> Path:

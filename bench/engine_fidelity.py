@@ -1,0 +1,234 @@
+"""Fidelity benchmark: every selection strategy at the same budget against the unpruned run.
+
+A PROXY, NOT IMAGE QUALITY: all weights are random, so the numbers say how far each strategy's
+cache-and-reuse drifts from the unpruned trajectory of the same model, not how good an image is.
+
+A tiny SD3 pipeline (catbatch.models.tiny's text encoders, tokenizers and VAE) with a larger
+transformer (4 layers, 4 heads x 64 = width 256) at 512x512 (64x64 latent -> 1024 image tokens,
+77 + 256 text tokens), 28 steps, guidance 7, fp32 on the CPU, 16 PartiPrompts prompts, one seed
+per prompt. Each strategy (cat, noise, random, sequential, at-edm) runs at alpha 0.3; the final
+image and the final latent are compared with the unpruned run of the same prompts and seeds.
+
+    python -m bench.engine_fidelity              # the issue's configuration (minutes)
+    python -m bench.engine_fidelity --smoke      # the tiny preset, 1 prompt, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import SD3Transformer2DModel
+from torch import Tensor
+
+from catbatch.fidelity import latent_psnr, psnr_batch, ssim_batch
+from catbatch.models.tiny import CLIP_HIDDEN, T5_D_MODEL, build_tiny_pipeline
+from catbatch.pruning import STRATEGIES, CATConfig, apply_cat, remove_cat
+
+PARTI_PATH = Path("/work/shared/data/PartiPrompts.tsv")
+BUILTIN_PROMPTS = (
+    "a red bicycle leaning against a brick wall",
+    "an astronaut riding a horse on the moon",
+    "a bowl of ramen with a soft-boiled egg, studio lighting",
+    "a lighthouse on a cliff at sunset, oil painting",
+    "a corgi wearing sunglasses on a beach",
+    "the skyline of a futuristic city at night",
+    "a watercolor painting of a fox in a snowy forest",
+    "a steaming cup of coffee on a wooden table",
+    "a vintage car parked in front of a diner",
+    "a close-up photo of a dew-covered spider web",
+    "a medieval castle surrounded by a moat",
+    "a robot reading a book in a library",
+    "a field of sunflowers under a blue sky",
+    "a sailboat on a calm lake at dawn",
+    "a plate of sushi arranged on a black slate",
+    "a hot air balloon over a desert canyon",
+)
+
+
+def load_prompts(count: int, path: Path = PARTI_PATH) -> tuple[list[str], str]:
+    """``count`` PartiPrompts prompts spread evenly over the file (rows ``i * total // count``),
+    or the built-in list when the file is absent."""
+    if path.is_file():
+        try:
+            from catbatch.prompts import PromptSource, read_prompts
+        except ImportError:  # e.g. no pydantic/fsspec: read the TSV's Prompt column directly
+            header, *lines = path.read_text(encoding="utf-8").splitlines()
+            column = header.split("\t").index("Prompt")
+            rows = [line.split("\t")[column] for line in lines if line.strip()]
+        else:
+            rows = [r.prompt for r in read_prompts(PromptSource(path=str(path), format="parti"))]
+        picked = [rows[i * len(rows) // count] for i in range(count)]
+        return picked, f"PartiPrompts ({path.name}), rows i*{len(rows)}//{count}"
+    print(f"{path} not found: using {count} built-in prompts instead")
+    return list(BUILTIN_PROMPTS[:count]), "built-in prompts (PartiPrompts file absent)"
+
+
+def tiny_sd3(saved: str | None = None) -> Any:
+    """The tiny-sd3 preset (seed 0), built here or loaded from a ``save_pretrained`` folder."""
+    if saved is None:
+        return build_tiny_pipeline("tiny-sd3", seed=0)
+    from diffusers import StableDiffusion3Pipeline
+
+    return StableDiffusion3Pipeline.from_pretrained(saved, local_files_only=True)
+
+
+def build_pipeline(
+    layers: int = 4, heads: int = 4, head_dim: int = 64, latent: int = 64, saved: str | None = None
+) -> Any:
+    """The tiny SD3 pipeline with its transformer replaced by one of the given size."""
+    pipe = tiny_sd3(saved)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        transformer = SD3Transformer2DModel(
+            sample_size=latent,
+            patch_size=2,
+            in_channels=16,
+            out_channels=16,
+            num_layers=layers,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=T5_D_MODEL,
+            caption_projection_dim=heads * head_dim,
+            pooled_projection_dim=2 * CLIP_HIDDEN,
+            pos_embed_max_size=96,
+        ).eval()
+    pipe.register_modules(transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(
+    pipe: Any, prompts: Sequence[str], seeds: Sequence[int], size: int, steps: int, batch: int
+) -> tuple[Tensor, Tensor]:
+    """Final latents ``(P, 16, h, w)`` and images ``(P, 3, H, W)`` in ``[0, 1]``."""
+    latents, images = [], []
+    for at in range(0, len(prompts), batch):
+        chunk = list(prompts[at : at + batch])
+        generators = [torch.Generator().manual_seed(s) for s in seeds[at : at + batch]]
+        out = pipe(
+            prompt=chunk,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            guidance_scale=7.0,
+            generator=generators,
+            output_type="latent",
+        ).images
+        latents.append(out.cpu())
+        decoded = pipe.vae.decode(
+            out / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor, return_dict=False
+        )[0]
+        images.append(pipe.image_processor.postprocess(decoded, output_type="pt").cpu())
+    return torch.cat(latents), torch.cat(images)
+
+
+def latent_ssim(latent: Tensor, reference: Tensor) -> float:
+    """SSIM of a latent ``(C, h, w)``: both mapped by the reference's range to [0, 1] (clamped),
+    each channel a grey image, averaged over channels."""
+    lo, hi = reference.min(), reference.max()
+    scale = (hi - lo).clamp_min(1e-12)
+
+    def norm(t: Tensor) -> Tensor:
+        return ((t.double() - lo) / scale).clamp(0, 1)[:, None]
+
+    return statistics.fmean(ssim_batch(norm(latent), norm(reference)))
+
+
+def compare(latents: Tensor, images: Tensor, ref_latents: Tensor, ref_images: Tensor) -> dict:
+    """Per-prompt image PSNR/SSIM and latent PSNR/SSIM against the reference."""
+    return {
+        "image_psnr": psnr_batch(images, ref_images),
+        "image_ssim": ssim_batch(images, ref_images),
+        "latent_psnr": [latent_psnr(x, y) for x, y in zip(latents, ref_latents, strict=True)],
+        "latent_ssim": [latent_ssim(x, y) for x, y in zip(latents, ref_latents, strict=True)],
+    }
+
+
+def _stat(values: Sequence[float], digits: int = 2) -> str:
+    mean, lo, hi = statistics.fmean(values), min(values), max(values)
+    return f"{mean:.{digits}f} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def format_table(rows: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "| strategy | image PSNR dB | image SSIM | latent PSNR dB | latent SSIM | s / prompt |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {_stat(row['image_psnr'])} | {_stat(row['image_ssim'], 4)} | "
+            f"{_stat(row['latent_psnr'])} | {_stat(row['latent_ssim'], 4)} | "
+            f"{row['seconds']:.2f} |"
+        )
+    lines.append("")
+    lines.append("Mean over prompts (min-max). Random weights: a proxy for drift from the unpruned")
+    lines.append("run, NOT image quality.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--alpha", type=float, default=0.3)
+    parser.add_argument("--batch", type=int, default=4, help="prompts per pipeline call")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--smoke", action="store_true", help="tiny preset, 128px, 1 prompt")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pipeline-dir", help="a saved tiny-sd3 pipeline (no open_clip needed)")
+    parser.add_argument("--parti", default=str(PARTI_PATH), help="PartiPrompts TSV")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args.smoke:
+        pipe = tiny_sd3(args.pipeline_dir)
+        pipe.set_progress_bar_config(disable=True)
+        size, count, steps = 128, 1, 10
+        label = "tiny-sd3 preset (2 layers, width 64), 128x128"
+    else:
+        pipe = build_pipeline(saved=args.pipeline_dir)
+        size, count, steps = 512, args.prompts, args.steps
+        label = "SD3 transformer 4 layers x 4 heads x 64 (width 256), 512x512 (1024 tokens)"
+    pipe.to(args.device)
+    prompts, source = load_prompts(count, Path(args.parti))
+    seeds = [1000 + i for i in range(len(prompts))]
+    print(
+        f"{label}; {steps} steps; alpha {args.alpha}; {len(prompts)} prompts from {source}; "
+        f"fp32 {args.device}, {args.threads} threads; RANDOM WEIGHTS: a proxy, not image quality",
+        flush=True,
+    )
+
+    start = time.perf_counter()
+    ref_latents, ref_images = generate(pipe, prompts, seeds, size, steps, args.batch)
+    full_seconds = (time.perf_counter() - start) / len(prompts)
+    print(f"unpruned: {full_seconds:.2f} s / prompt", flush=True)
+    rows: dict[str, dict[str, Any]] = {}
+    for strategy in args.strategies:
+        state = apply_cat(pipe, CATConfig(alpha=args.alpha, strategy=strategy))
+        start = time.perf_counter()
+        try:
+            latents, images = generate(pipe, prompts, seeds, size, steps, args.batch)
+        finally:
+            remove_cat(pipe)
+        seconds = (time.perf_counter() - start) / len(prompts)
+        if state.pruned_steps == 0:
+            raise RuntimeError(f"{strategy}: no pruned step ran")
+        rows[strategy] = {**compare(latents, images, ref_latents, ref_images), "seconds": seconds}
+        print(f"{strategy}: {seconds:.2f} s / prompt", flush=True)
+    print()
+    print(format_table(rows))
+    print(f"(unpruned: {full_seconds:.2f} s / prompt)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,552 @@
+"""Speed benchmark of CAT pruning: wall-clock of the denoising loop, counted MACs, selection share.
+
+An SD3 transformer (random weights) is driven over ``N`` steps with classifier-free guidance
+(batch 2 = ``[uncond, cond]``) and a flow-matching Euler update, once bare ("full") and once with
+:func:`catbatch.pruning.apply_cat` on the bare transformer ("CAT", state reset per generation).
+Runs are interleaved (full, CAT, full, CAT, ...) after one warm-up of each; the table gives
+medians and min-max spreads. MACs come from :func:`catbatch.pruning.count_step_macs` on the
+``meta`` device for a full and a pruned step, times the timeline (``s + 3`` full steps, then
+pruned). The selector's ``set_reference`` / ``start`` (KMeans, cluster graph, first pick) /
+``step`` calls are timed by wrapping them.
+
+    python -m bench.engine_speed                 # the issue's CPU configuration (slow: minutes)
+    python -m bench.engine_speed --smoke         # a tiny configuration, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from diffusers import SD3Transformer2DModel
+from torch import Tensor
+
+from catbatch.pruning import CATConfig, apply_cat, count_step_macs, remove_cat
+from catbatch.pruning.selection import Selector, make_selector
+
+CLIP_TOKENS, T5_TOKENS = 77, 256
+
+
+@dataclass(frozen=True)
+class SpeedSetup:
+    """Transformer size, inputs and CAT settings of one benchmark."""
+
+    layers: int = 8
+    heads: int = 6
+    head_dim: int = 64
+    latent: int = 128  # latent side; 128 -> 64x64 patches = 4096 image tokens
+    patch: int = 2
+    text_tokens: int = CLIP_TOKENS + T5_TOKENS
+    joint_dim: int = 4096  # SD3's text embedding width (T5-XXL)
+    pooled_dim: int = 2048  # SD3's pooled CLIP width
+    samples: int = 1  # prompts per batch; CFG doubles the rows
+    guidance: float = 7.0
+    alpha: float = 0.3
+    shift: float = 3.0
+    seed: int = 0
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def image_tokens(self) -> int:
+        return (self.latent // self.patch) ** 2
+
+    def transformer_kwargs(self) -> dict[str, Any]:
+        return {
+            "sample_size": self.latent,
+            "patch_size": self.patch,
+            "in_channels": 16,
+            "out_channels": 16,
+            "num_layers": self.layers,
+            "attention_head_dim": self.head_dim,
+            "num_attention_heads": self.heads,
+            "joint_attention_dim": self.joint_dim,
+            "caption_projection_dim": self.width,
+            "pooled_projection_dim": self.pooled_dim,
+            "pos_embed_max_size": max(96, self.latent // self.patch),
+        }
+
+
+SMOKE = SpeedSetup(
+    layers=1, heads=2, head_dim=16, latent=32, text_tokens=8, joint_dim=32, pooled_dim=32
+)
+
+
+def build_transformer(
+    setup: SpeedSetup, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> SD3Transformer2DModel:
+    """A random-weight SD3 transformer of ``setup``'s size (on ``meta``: no weights at all)."""
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(setup.seed)
+        model = SD3Transformer2DModel(**setup.transformer_kwargs())
+    return model.to(dtype=dtype).eval().requires_grad_(False)
+
+
+@dataclass
+class Inputs:
+    latents: Tensor  # (B, 16, H, W), the starting noise
+    text: Tensor  # (2B, T, joint_dim): [uncond..., cond...]
+    pooled: Tensor  # (2B, pooled_dim)
+
+
+def make_inputs(
+    setup: SpeedSetup, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Inputs:
+    g = torch.Generator().manual_seed(setup.seed + 1)
+    b, side = setup.samples, setup.latent
+    latents = torch.randn(b, 16, side, side, generator=g)
+    text = torch.randn(2 * b, setup.text_tokens, setup.joint_dim, generator=g)
+    pooled = torch.randn(2 * b, setup.pooled_dim, generator=g)
+    return Inputs(*(t.to(device=device, dtype=dtype) for t in (latents, text, pooled)))
+
+
+def flow_sigmas(steps: int, shift: float) -> list[float]:
+    """FlowMatchEulerDiscreteScheduler's shifted sigmas for ``steps`` steps, plus the final 0."""
+    sigmas = [1.0 - i * (1.0 - 1.0 / steps) / max(steps - 1, 1) for i in range(steps)]
+    return [shift * s / (1.0 + (shift - 1.0) * s) for s in sigmas] + [0.0]
+
+
+# -- clocks: wall-clock on the CPU, CUDA events on a GPU (no sync inside the loop) -------------
+
+
+class Clock:
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def mark(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        """Seconds between two marks (call :meth:`sync` first on a GPU)."""
+        return start.elapsed_time(end) / 1000.0 if self.cuda else end - start
+
+
+class SelectorTimer:
+    """A selector factory whose selectors record the time of each call, by method name."""
+
+    METHODS = ("set_reference", "start", "step")
+
+    def __init__(self, clock: Clock):
+        self.clock = clock
+        self.spans: list[tuple[str, Any, Any]] = []
+
+    def factory(
+        self, config: CATConfig, grid: tuple[int, int], batch: int, device: torch.device
+    ) -> Selector:
+        selector = make_selector(config, grid, batch, device)
+        for name in self.METHODS:
+            setattr(selector, name, self._timed(name, getattr(selector, name)))
+        return selector
+
+    def _timed(self, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = self.clock.mark()
+            result = method(*args, **kwargs)
+            self.spans.append((name, start, self.clock.mark()))
+            return result
+
+        return timed
+
+    def totals(self) -> dict[str, float]:
+        """Seconds per method since the last :meth:`clear` (sync first on a GPU)."""
+        out = dict.fromkeys(self.METHODS, 0.0)
+        for name, start, end in self.spans:
+            out[name] += self.clock.seconds(start, end)
+        return out
+
+    def clear(self) -> None:
+        self.spans = []
+
+
+# -- the denoising loop -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def denoise(
+    model: torch.nn.Module, inputs: Inputs, steps: int, setup: SpeedSetup, clock: Clock
+) -> tuple[Tensor, list[Any]]:
+    """``steps`` CFG Euler steps from ``inputs.latents``; returns latents and per-step marks."""
+    latents = inputs.latents.clone()
+    sigmas = flow_sigmas(steps, setup.shift)
+    marks = [clock.mark()]
+    for i in range(steps):
+        timestep = torch.full((latents.shape[0] * 2,), sigmas[i] * 1000.0, device=latents.device)
+        out = model(
+            hidden_states=torch.cat([latents, latents]),
+            timestep=timestep,
+            encoder_hidden_states=inputs.text,
+            pooled_projections=inputs.pooled,
+            return_dict=False,
+        )[0]
+        uncond, cond = out.chunk(2)
+        guided = uncond + setup.guidance * (cond - uncond)
+        latents = latents + (sigmas[i + 1] - sigmas[i]) * guided
+        marks.append(clock.mark())
+    return latents, marks
+
+
+@dataclass
+class RunTimes:
+    total: float
+    steps: list[float]
+    selection: dict[str, float] = field(default_factory=dict)
+
+
+def timed_generation(
+    model: torch.nn.Module,
+    inputs: Inputs,
+    steps: int,
+    setup: SpeedSetup,
+    clock: Clock,
+    config: CATConfig | None,
+    timer: SelectorTimer | None,
+) -> tuple[Tensor, RunTimes]:
+    """One generation, full (``config=None``) or with CAT applied for its duration."""
+    if config is not None:
+        state = apply_cat(model, config, cfg=True, selector_factory=timer.factory)
+        state.auto_reset = False  # reset explicitly, as a pipeline does: no timestep read
+        state.reset()
+        timer.clear()
+    clock.sync()
+    start = time.perf_counter()
+    try:
+        latents, marks = denoise(model, inputs, steps, setup, clock)
+        clock.sync()
+        total = time.perf_counter() - start
+    finally:
+        if config is not None:
+            remove_cat(model)
+    per_step = [clock.seconds(a, b) for a, b in zip(marks, marks[1:], strict=False)]
+    expected = max(0, steps - config.first_pruned_step) if config is not None else 0
+    if config is not None and state.pruned_steps != expected:
+        raise RuntimeError(f"expected {expected} pruned steps, got {state.pruned_steps}")
+    selection = timer.totals() if config is not None else {}
+    return latents, RunTimes(total, per_step, selection)
+
+
+# -- MACs ---------------------------------------------------------------------------------------
+
+
+def step_macs(setup: SpeedSetup, config: CATConfig) -> dict[str, dict[str, int]]:
+    """MACs of one full and one pruned step (CFG rows), counted on the ``meta`` device."""
+    model = build_transformer(setup, "meta")
+    with torch.device("meta"):
+        inputs = make_inputs(setup, "meta")
+        hidden = torch.cat([inputs.latents, inputs.latents])
+        timestep = torch.full((hidden.shape[0],), 500.0)
+        idx = torch.arange(config.num_selected(setup.image_tokens))
+    args = (model, hidden, timestep, inputs.text, inputs.pooled)
+    return {"full": count_step_macs(*args), "pruned": count_step_macs(*args, idx=idx)}
+
+
+def timeline_macs(
+    per_step: dict[str, dict[str, int]], steps: int, config: CATConfig
+) -> dict[str, dict[str, float]]:
+    """Generation MACs, full vs CAT (``s + 3`` full steps, then pruned), for each count."""
+    n_full = min(steps, config.first_pruned_step)
+    out: dict[str, dict[str, float]] = {}
+    for key in ("paper", "total", "attention"):
+        full = steps * per_step["full"][key]
+        cat = n_full * per_step["full"][key] + (steps - n_full) * per_step["pruned"][key]
+        out[key] = {"full": full, "cat": cat, "ratio": full / cat if cat else math.nan}
+    return out
+
+
+# -- the benchmark ------------------------------------------------------------------------------
+
+
+@dataclass
+class StepsResult:
+    steps: int
+    full: list[float]
+    cat: list[float]
+    selection: list[dict[str, float]]
+    full_step: float  # median seconds of a step of a full run
+    cat_full_step: float  # median seconds of the full steps of CAT runs
+    cat_pruned_step: float  # median seconds of the pruned steps of CAT runs
+    macs: dict[str, dict[str, float]]
+    step_macs_ratio: float  # total MACs full step / pruned step
+    latent_rel_error: float
+
+    @property
+    def speedups(self) -> list[float]:
+        return [f / c for f, c in zip(self.full, self.cat, strict=True)]
+
+    @property
+    def speedup(self) -> float:
+        return statistics.median(self.full) / statistics.median(self.cat)
+
+    @property
+    def selection_share(self) -> list[float]:
+        return [sum(s.values()) / t for s, t in zip(self.selection, self.cat, strict=True)]
+
+
+def run_benchmark(
+    setup: SpeedSetup,
+    steps_list: Sequence[int],
+    pairs: int,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: CATConfig | None = None,
+    model: torch.nn.Module | None = None,
+    log: Callable[[str], None] = print,
+    warmup: int | None = None,
+) -> list[StepsResult]:
+    """Warm up, then ``pairs`` interleaved (full, CAT) generations for each step count."""
+    config = config or CATConfig(alpha=setup.alpha)
+    dev = torch.device(device)
+    clock = Clock(dev)
+    timer = SelectorTimer(clock)
+    model = model if model is not None else build_transformer(setup, dev, dtype)
+    inputs = make_inputs(setup, dev, dtype)
+    per_step_macs = step_macs(setup, config)
+    warm = config.first_pruned_step + 2 if warmup is None else warmup
+    if warm:
+        log(f"warm-up ({warm} steps each)")
+        timed_generation(model, inputs, warm, setup, clock, None, None)
+        timed_generation(model, inputs, warm, setup, clock, config, timer)
+
+    results = []
+    for steps in steps_list:
+        full: list[RunTimes] = []
+        cat: list[RunTimes] = []
+        for pair in range(pairs):
+            ref, times = timed_generation(model, inputs, steps, setup, clock, None, None)
+            full.append(times)
+            out, times = timed_generation(model, inputs, steps, setup, clock, config, timer)
+            cat.append(times)
+            log(
+                f"  {steps} steps, pair {pair + 1}/{pairs}: full {full[-1].total:.2f} s, "
+                f"CAT {cat[-1].total:.2f} s, ratio {full[-1].total / cat[-1].total:.2f}x, "
+                f"selection {100 * sum(cat[-1].selection.values()) / cat[-1].total:.2f}%"
+            )
+        n_full = config.first_pruned_step
+        macs = timeline_macs(per_step_macs, steps, config)
+        rel = float((out.float() - ref.float()).norm() / ref.float().norm())
+        results.append(
+            StepsResult(
+                steps=steps,
+                full=[r.total for r in full],
+                cat=[r.total for r in cat],
+                selection=[r.selection for r in cat],
+                full_step=statistics.median(s for r in full for s in r.steps),
+                cat_full_step=statistics.median(s for r in cat for s in r.steps[:n_full]),
+                cat_pruned_step=statistics.median(s for r in cat for s in r.steps[n_full:]),
+                macs=macs,
+                step_macs_ratio=per_step_macs["full"]["total"] / per_step_macs["pruned"]["total"],
+                latent_rel_error=rel,
+            )
+        )
+    return results
+
+
+def step_pairs(setup: SpeedSetup, pairs: int, config: CATConfig | None = None) -> dict:
+    """Interleaved single steps, full then pruned (``pruned_forward``, K random tokens), on the
+    CPU: a per-step ratio measured under the same load, and the loop times it implies."""
+    from catbatch.pruning import pruned_forward
+
+    config = config or CATConfig(alpha=setup.alpha)
+    model = build_transformer(setup)
+    inputs = make_inputs(setup)
+    hidden = torch.cat([inputs.latents, inputs.latents])
+    timestep = torch.full((hidden.shape[0],), 500.0)
+    k = config.num_selected(setup.image_tokens)
+    idx = torch.randperm(setup.image_tokens, generator=torch.Generator().manual_seed(0))[:k]
+    args = (model, hidden, timestep, inputs.text, inputs.pooled)
+    full, pruned = [], []
+    for pair in range(pairs):
+        start = time.perf_counter()
+        pruned_forward(*args)
+        full.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        pruned_forward(*args, idx=idx)
+        pruned.append(time.perf_counter() - start)
+        print(
+            f"  step pair {pair + 1}/{pairs}: full {full[-1]:.2f} s, pruned {pruned[-1]:.2f} s, "
+            f"ratio {full[-1] / pruned[-1]:.2f}x",
+            flush=True,
+        )
+    ratios = [f / p for f, p in zip(full, pruned, strict=True)]
+    return {"full": full, "pruned": pruned, "ratios": ratios}
+
+
+def projected(ratio: float, steps: int, config: CATConfig) -> float:
+    """Loop speed-up implied by a per-step ratio (selection time not included)."""
+    n_full = min(steps, config.first_pruned_step)
+    return steps / (n_full + (steps - n_full) / ratio)
+
+
+# -- report -------------------------------------------------------------------------------------
+
+TARGET_SPEEDUP = {28: 1.75, 50: 2.05}
+TARGET_MACS_FRACTION = 0.95
+TARGET_SELECTION_SHARE = 0.03
+
+
+def _spread(values: Sequence[float], fmt: str = "{:.2f}") -> str:
+    return (
+        f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-"
+        f"{fmt.format(max(values))})"
+    )
+
+
+def format_report(results: Sequence[StepsResult], setup: SpeedSetup, targets: bool = True) -> str:
+    """Markdown tables: timings, MACs, per-step times and (optionally) the targets."""
+    lines = [
+        "| steps | full s, median (min-max) | CAT s, median (min-max) | speed-up, ratio of "
+        "medians | per-pair speed-up (min-max) | MACs ratio, total incl. attention | MACs "
+        "ratio, paper (linear+conv) | selection+clustering share of CAT run |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        share = [100 * s for s in r.selection_share]
+        lines.append(
+            f"| {r.steps} | {_spread(r.full)} | {_spread(r.cat)} | {r.speedup:.2f}x | "
+            f"{min(r.speedups):.2f}-{max(r.speedups):.2f}x | {r.macs['total']['ratio']:.2f}x | "
+            f"{r.macs['paper']['ratio']:.2f}x | {_spread(share, '{:.2f}')} % |"
+        )
+    lines += [
+        "",
+        "| steps | MACs full (total / paper) | MACs CAT (total / paper) | full step s | CAT: "
+        "full step s | CAT: pruned step s | step time ratio full/pruned | step MACs ratio "
+        "(total) | set_reference / start (KMeans) / step s, median | final latent rel. diff "
+        "vs full |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        sel = {k: statistics.median(s[k] for s in r.selection) for k in SelectorTimer.METHODS}
+        lines.append(
+            f"| {r.steps} | {_g(r.macs['total']['full'])} / {_g(r.macs['paper']['full'])} | "
+            f"{_g(r.macs['total']['cat'])} / {_g(r.macs['paper']['cat'])} | "
+            f"{r.full_step:.4f} | {r.cat_full_step:.4f} | {r.cat_pruned_step:.4f} | "
+            f"{r.full_step / r.cat_pruned_step:.2f}x | {r.step_macs_ratio:.2f}x | "
+            f"{sel['set_reference']:.4f} / {sel['start']:.4f} / {sel['step']:.3f} | "
+            f"{r.latent_rel_error:.3f} |"
+        )
+    if targets:
+        lines += ["", "Targets:"]
+        for r in results:
+            lines += [f"- {line}" for line in target_lines(r)]
+    return "\n".join(lines)
+
+
+def _g(macs: float) -> str:
+    return f"{macs / 1e12:.2f}T" if macs >= 1e12 else f"{macs / 1e9:.1f}G"
+
+
+def target_lines(r: StepsResult) -> list[str]:
+    def verdict(ok: bool) -> str:
+        return "MET" if ok else "MISSED"
+
+    bound = TARGET_MACS_FRACTION * r.macs["total"]["ratio"]
+    paper = TARGET_MACS_FRACTION * r.macs["paper"]["ratio"]
+    lines = [
+        f"{r.steps} steps: speed-up {r.speedup:.2f}x >= 95% of the total-MACs ratio "
+        f"({bound:.2f}x): {verdict(r.speedup >= bound)} (paper-count ratio "
+        f"{r.macs['paper']['ratio']:.2f}x, 95% = {paper:.2f}x: {verdict(r.speedup >= paper)})",
+    ]
+    if r.steps in TARGET_SPEEDUP:
+        goal = TARGET_SPEEDUP[r.steps]
+        lines.append(
+            f"{r.steps} steps: speed-up {r.speedup:.2f}x >= {goal}x: {verdict(r.speedup >= goal)}"
+        )
+    share = statistics.median(r.selection_share)
+    lines.append(
+        f"{r.steps} steps: selection+clustering {100 * share:.2f}% <= 3%: "
+        f"{verdict(share <= TARGET_SELECTION_SHARE)}"
+    )
+    return lines
+
+
+def results_json(results: Sequence[StepsResult], setup: SpeedSetup, **extra: Any) -> str:
+    rows = []
+    for r in results:
+        row = asdict(r)
+        row.update(speedup=r.speedup, speedups=r.speedups, selection_share=r.selection_share)
+        rows.append(row)
+    return json.dumps({"setup": asdict(setup), **extra, "results": rows}, indent=1)
+
+
+def describe(setup: SpeedSetup, device: str, dtype: torch.dtype, threads: int | None) -> str:
+    k = CATConfig(alpha=setup.alpha).num_selected(setup.image_tokens)
+    return (
+        f"SD3 transformer, random weights: {setup.layers} layers of {setup.heads} heads x "
+        f"{setup.head_dim} (width {setup.width}), latent {setup.latent}x{setup.latent} patch "
+        f"{setup.patch} -> {setup.image_tokens} image tokens, {setup.text_tokens} text tokens, "
+        f"CFG batch {2 * setup.samples}; alpha {setup.alpha} (K = {k}), timeline s = 5 "
+        f"(8 full steps); {device} {str(dtype).removeprefix('torch.')}"
+        + (f", {threads} threads" if threads else "")
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, nargs="+", default=[28, 50])
+    parser.add_argument("--pairs", type=int, default=3, help="interleaved (full, CAT) pairs")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps of each kind")
+    parser.add_argument("--alpha", type=float, default=0.3)
+    parser.add_argument("--smoke", action="store_true", help="tiny model, 10 steps, 1 pair")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument(
+        "--step-pairs", type=int, default=0, help="only interleaved single steps (N pairs)"
+    )
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    setup = SpeedSetup(alpha=args.alpha)
+    steps, pairs = args.steps, args.pairs
+    if args.smoke:
+        setup = SpeedSetup(**{**asdict(SMOKE), "alpha": args.alpha})
+        steps, pairs = [10], 1
+    print(describe(setup, "cpu", torch.float32, args.threads), flush=True)
+    if args.step_pairs:
+        out = step_pairs(setup, args.step_pairs)
+        ratio = statistics.median(out["ratios"])
+        print(
+            f"per-step ratio full/pruned: median {ratio:.2f}x "
+            f"({min(out['ratios']):.2f}-{max(out['ratios']):.2f}); full step "
+            f"{_spread(out['full'])} s, pruned step {_spread(out['pruned'])} s"
+        )
+        config = CATConfig(alpha=setup.alpha)
+        macs = step_macs(setup, config)
+        for n in steps:
+            tl = timeline_macs(macs, n, config)
+            print(
+                f"{n} steps: implied loop speed-up {projected(ratio, n, config):.2f}x; "
+                f"total-MACs ratio {tl['total']['ratio']:.2f}x, paper {tl['paper']['ratio']:.2f}x"
+            )
+        return 0
+    results: list[StepsResult] = []
+    for n in steps:  # one step count at a time, each table printed as soon as it is measured
+        results += run_benchmark(
+            setup, [n], pairs, log=lambda s: print(s, flush=True), warmup=args.warmup
+        )
+        print()
+        print(format_report(results[-1:], setup), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                f.write(results_json(results, setup, device="cpu", threads=args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
