@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from catbatch.report.load import RunData, VariantData
+from catbatch.report.load import METRIC_COLUMNS, RunData, VariantData
 from catbatch.report.pairs import GridRow, ShardCache, fidelity, fill_grid, grid_rows
 
 REPORT_VERSION = 1
@@ -203,19 +203,7 @@ def aggregate_variant(vd: VariantData, opts: ReportOptions) -> dict[str, Any]:
     return out
 
 
-_METRIC_NAMES = (
-    "macs_paper",
-    "macs_total",
-    "t_text_s",
-    "t_denoise_s",
-    "t_vae_s",
-    "t_score_s",
-    "warmup",
-    "gpu_seconds",
-    "cost_usd",
-    "clip_score",
-    "prompt_truncated",
-)
+_METRIC_NAMES = tuple(c for c in METRIC_COLUMNS if c != "clip_model")
 
 
 def against_baseline(agg: dict[str, Any], base: dict[str, Any]) -> dict[str, float | None]:

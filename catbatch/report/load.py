@@ -14,39 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catbatch.layout import OutputLayout
+from catbatch.writer import METRIC_COLUMNS, SCHEMA
 
-# Columns of the per-sample rows; older outputs may lack the metric ones.
-BASE_COLUMNS = (
-    "sample_id",
-    "image_index",
-    "prompt",
-    "prompt_metadata",
-    "seed",
-    "variant",
-    "settings",
-    "width",
-    "height",
-    "batch_id",
-    "batch_size",
-    "latency_s",
-    "device",
-    "status",
-    "error",
-)
-METRIC_COLUMNS = (
-    "macs_paper",
-    "macs_total",
-    "t_text_s",
-    "t_denoise_s",
-    "t_vae_s",
-    "t_score_s",
-    "warmup",
-    "gpu_seconds",
-    "cost_usd",
-    "clip_score",
-    "clip_model",
-    "prompt_truncated",
-)
+# Columns of the per-sample rows (all but the image); older outputs may lack the metric ones.
+BASE_COLUMNS = tuple(f.name for f in SCHEMA if f.name not in METRIC_COLUMNS and f.name != "image")
 
 Key = tuple[str, int]  # (sample_id, image_index)
 
