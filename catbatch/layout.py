@@ -150,15 +150,9 @@ class OutputLayout:
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write a whole file so that a crash never leaves a complete-looking partial file."""
-        parent = path.rsplit("/", 1)[0]
         if self.is_local:
-            os.makedirs(parent, exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            tmp = _write_local_tmp(path, data)
             try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
@@ -173,13 +167,8 @@ class OutputLayout:
         conditional put (``If-None-Match: *``) on S3 and other stores that support it.
         """
         if self.is_local:
-            os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            tmp = _write_local_tmp(path, data)
             try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
                 os.link(tmp, path)
                 return True
             except FileExistsError:
@@ -270,3 +259,19 @@ class OutputLayout:
             self.fs.rm(probe)
         except Exception as e:  # noqa: BLE001 - any backend error means "not writable"
             raise OSError(f"output location {self.display()} is not writable: {e}") from None
+
+
+def _write_local_tmp(path: str, data: bytes) -> str:
+    """Write ``data`` durably to a fresh temporary file beside ``path``; return its name."""
+    os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return tmp
