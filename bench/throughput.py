@@ -1,0 +1,458 @@
+"""Throughput of catbatch against a plain in-process loop over the same pipeline.
+
+Three variants run over the same prompts, seeds, batch size, steps and resolution, each in a
+fresh process and interleaved across repeats (the order rotates each repeat):
+
+- ``plain``: one process, ``torch.set_num_threads(1)``, the pipeline called batch after batch
+  exactly as a catbatch worker calls it, images turned to PNG bytes as catbatch does (no Ray, no
+  Parquet);
+- ``catbatch-1`` / ``catbatch-2``: ``python -m catbatch.cli submit MANIFEST --quiet --num-cpus N
+  --actors 1|2`` with ``ray.address: local`` and ``ray.resources.cpus: 1`` (one thread per
+  actor); with ``--with-metrics`` also ``catbatch-1+metrics`` (per-row MACs and CLIP on).
+
+Measured per run: end-to-end wall (launch to exit), time from launch to the first committed shard
+(the earliest ``written_at`` of the ``.stats.json`` commit markers), and steady-state images/s.
+Steady state for catbatch: each shard's interval is ``[written_at - seconds, written_at]``; the
+window runs from the ``actors``-th commit (every actor has finished its first shard, which held
+its warm-up batch) to the last commit, and each shard counts the share of its images that falls
+inside the window. For the plain loop: the images after one warm-up batch over their time.
+
+    python -m bench.throughput                       # tiny-sd3, 256 px, 28 steps, 48 prompts
+    python -m bench.throughput --quick               # smoke test: 64 px, 2 steps, 8 prompts
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS_FILE = ROOT / "manifests" / "prompts" / "demo.txt"
+OVERHEAD_TARGET_PCT = 5.0
+SPEEDUP_TARGET = 1.7
+
+
+# -- pure helpers (tested in tests/test_throughput_bench.py) -----------------------------------
+@dataclass(frozen=True)
+class Interval:
+    """Wall-clock span of one committed shard (or one plain-loop batch) and its images."""
+
+    start: float
+    end: float
+    images: int
+
+
+def median_spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """(median, min, max); NaN for no values."""
+    vals = [v for v in values if v == v]
+    if not vals:
+        nan = float("nan")
+        return nan, nan, nan
+    return statistics.median(vals), min(vals), max(vals)
+
+
+def fmt_spread(values: Sequence[float], digits: int = 2, unit: str = "") -> str:
+    """``median (min-max)``, or just the value when there is one; ``-`` for none."""
+    med, lo, hi = median_spread(values)
+    if med != med:
+        return "-"
+    if len(values) == 1 or lo == hi:
+        return f"{med:.{digits}f}{unit}"
+    return f"{med:.{digits}f}{unit} ({lo:.{digits}f}-{hi:.{digits}f})"
+
+
+def ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """Per-repeat ratios num[i] / den[i] (pairs with a zero or missing value are left out)."""
+    return [a / b for a, b in zip(num, den, strict=False) if b and a == a and b == b]
+
+
+def overhead_pct(ratio: float) -> float:
+    """Slowdown of catbatch against the plain loop in percent, from catbatch / plain images/s."""
+    return (1.0 - ratio) * 100.0
+
+
+def verdict(ok: bool) -> str:
+    return "MET" if ok else "MISSED"
+
+
+def shard_intervals(stats: Sequence[dict[str, Any]]) -> list[Interval]:
+    """Intervals of committed shards from their stats files (``started_at`` when present, else
+    ``written_at - seconds``; the latter starts late by the Parquet write, milliseconds)."""
+    out = []
+    for s in stats:
+        end = float(s["written_at"])
+        start = float(s["started_at"]) if "started_at" in s else end - float(s["seconds"])
+        out.append(Interval(start, end, int(s["images_ok"])))
+    return sorted(out, key=lambda iv: iv.end)
+
+
+def first_commit_s(stats: Sequence[dict[str, Any]], launched_at: float) -> float:
+    """Seconds from launch to the first commit marker written."""
+    return min(float(s["written_at"]) for s in stats) - launched_at
+
+
+def steady_rate(intervals: Sequence[Interval], actors: int) -> float:
+    """Images/s once every actor is past its first shard: the window runs from the
+    ``actors``-th commit to the last; each shard adds its images pro rata of its overlap."""
+    ends = sorted(iv.end for iv in intervals)
+    if len(ends) <= actors:
+        return float("nan")
+    w0, w1 = ends[actors - 1], ends[-1]
+    if w1 <= w0:
+        return float("nan")
+    images = 0.0
+    for iv in intervals:
+        span = iv.end - iv.start
+        overlap = max(0.0, min(iv.end, w1) - max(iv.start, w0))
+        if span > 0:
+            images += iv.images * overlap / span
+    return images / (w1 - w0)
+
+
+def plain_steady_rate(batches: Sequence[Interval], warmup: int = 1) -> float:
+    """Images/s of the batches after ``warmup`` ones, over their wall time (gaps included)."""
+    rest = list(batches)[warmup:]
+    if not rest:
+        return float("nan")
+    span = rest[-1].end - rest[0].start
+    return sum(b.images for b in rest) / span if span > 0 else float("nan")
+
+
+def first_n_images_s(batches: Sequence[Interval], n: int, launched_at: float) -> float:
+    """Seconds from launch until ``n`` images are done (the plain loop's "first shard")."""
+    done = 0
+    for b in batches:
+        done += b.images
+        if done >= n:
+            return b.end - launched_at
+    return float("nan")
+
+
+def manifest_text(cfg: dict[str, Any]) -> str:
+    """The benchmark's manifest (YAML is a superset of JSON)."""
+    return json.dumps(
+        {
+            "name": "throughput",
+            "model": {"id": cfg["model"], "dtype": "float32", "device": "cpu"},
+            "prompts": {"path": cfg["prompts_path"], "format": "text"},
+            "seed": 0,
+            "width": cfg["size"],
+            "height": cfg["size"],
+            "steps": cfg["steps"],
+            "guidance_scale": 7.0,
+            "batch_size": cfg["batch_size"],
+            "shard_size": cfg["shard_size"],
+            "ray": {"address": "local", "actors": 1, "resources": {"cpus": 1, "gpus": 0}},
+            "metrics": {"macs": cfg["macs"], "clip": {"enabled": cfg["clip"]}},
+            "output": cfg["output"],
+        },
+        indent=2,
+    )
+
+
+# -- runs ----------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    variant: str
+    repeat: int
+    images: int = 0
+    wall_s: float = float("nan")
+    steady_ips: float = float("nan")
+    first_commit_s: float = float("nan")
+    driver_s: float | None = None  # catbatch: Summary.seconds (submit() start to end)
+    load_before: float = 0.0
+    load_after: float = 0.0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def wall_ips(self) -> float:
+        return self.images / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        OMP_NUM_THREADS="1",  # Ray gives a 1-CPU actor the same
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+    )
+    return env
+
+
+def _run(cmd: list[str], log: Path) -> tuple[float, float, int]:
+    launched = time.time()
+    with log.open("w") as fh:
+        rc = subprocess.call(cmd, cwd=ROOT, env=_child_env(), stdout=fh, stderr=subprocess.STDOUT)
+    return launched, time.time(), rc
+
+
+def _tail(log: Path, n: int = 15) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-n:])
+
+
+def run_catbatch(work: Path, variant: str, actors: int, repeat: int, num_cpus: int) -> RunResult:
+    res = RunResult(variant, repeat, load_before=os.getloadavg()[0])
+    out = work / f"out-{variant}-{repeat}"
+    manifest = work / ("manifest-metrics.yaml" if "metrics" in variant else "manifest.yaml")
+    log = work / f"{variant}-{repeat}.log"
+    cmd = [sys.executable, "-m", "catbatch.cli", "submit", str(manifest), "--quiet"]
+    cmd += ["--output", str(out), "--actors", str(actors), "--num-cpus", str(num_cpus)]
+    launched, ended, rc = _run(cmd, log)
+    res.load_after = os.getloadavg()[0]
+    res.wall_s = ended - launched
+    stats = [json.loads(p.read_text()) for p in sorted(out.glob("variants/*/*.stats.json"))]
+    if rc != 0 or not stats:
+        res.error = f"exit {rc}: {_tail(log)}"
+        return res
+    res.images = sum(int(s["images_ok"]) for s in stats)
+    res.steady_ips = steady_rate(shard_intervals(stats), actors)
+    res.first_commit_s = first_commit_s(stats, launched)
+    record = json.loads((out / "run.json").read_text())
+    res.driver_s = record.get("summary", {}).get("seconds")
+    info = record.get("pipeline", {}).get("metrics", {})
+    res.metrics = {
+        "macs": info.get("macs") == "counted",
+        "clip": info.get("clip", {}).get("available"),
+    }
+    return res
+
+
+def run_plain(work: Path, repeat: int, shard_size: int) -> RunResult:
+    res = RunResult("plain", repeat, load_before=os.getloadavg()[0])
+    result_file = work / f"plain-{repeat}.json"
+    log = work / f"plain-{repeat}.log"
+    cmd = [sys.executable, "-m", "bench.throughput", "--plain-child", str(work / "manifest.yaml")]
+    launched, ended, rc = _run([*cmd, "--child-result", str(result_file)], log)
+    res.load_after = os.getloadavg()[0]
+    res.wall_s = ended - launched
+    if rc != 0 or not result_file.exists():
+        res.error = f"exit {rc}: {_tail(log)}"
+        return res
+    batches = [Interval(*b) for b in json.loads(result_file.read_text())["batches"]]
+    res.images = sum(b.images for b in batches)
+    res.steady_ips = plain_steady_rate(batches)
+    res.first_commit_s = first_n_images_s(batches, shard_size, launched)
+    res.metrics = {"macs": False, "clip": False}
+    return res
+
+
+def plain_child(manifest_path: str, result_path: str) -> int:
+    """The plain loop: the worker's pipeline call, batch after batch, PNG-encoded, one thread."""
+    import numpy as np
+    import torch
+
+    from catbatch.manifest import load_manifest
+    from catbatch.models.loader import describe_source, load_pipeline, pipeline_call_kwargs
+    from catbatch.prompts import read_prompts
+    from catbatch.seeds import image_generator, image_seed
+    from catbatch.worker import encode_png
+
+    torch.set_num_threads(1)
+    m = load_manifest(manifest_path)
+    source = describe_source(m.model.id, m.model.revision, m.base_dir)
+    pipe = load_pipeline(source, m.model.dtype, "cpu")
+    extra = pipeline_call_kwargs(pipe)
+    prompts = read_prompts(m.prompts, m.base_dir)
+    batches = []
+    for b in range(0, len(prompts), m.batch_size):
+        batch = prompts[b : b + m.batch_size]
+        start = time.time()
+        out = pipe(
+            prompt=[p.prompt for p in batch],
+            negative_prompt=[m.negative_prompt] * len(batch),
+            num_inference_steps=m.steps,
+            guidance_scale=m.guidance_scale,
+            height=m.height,
+            width=m.width,
+            generator=[image_generator(image_seed(m.seed, p.sample_id, 0)) for p in batch],
+            output_type="np",
+            **extra,
+        )
+        for img in np.asarray(out.images):
+            encode_png((np.clip(img, 0.0, 1.0) * 255).round().astype("uint8"))
+        batches.append((start, time.time(), len(batch)))
+    Path(result_path).write_text(json.dumps({"batches": batches}))
+    return 0
+
+
+# -- report --------------------------------------------------------------------------------
+def _col(results: list[RunResult], variant: str, attr: str) -> list[float]:
+    return [getattr(r, attr) for r in results if r.variant == variant and r.error is None]
+
+
+def report(results: list[RunResult], variants: list[str], cfg: dict[str, Any]) -> str:
+    lines = [
+        "| variant | row metrics (MACs / CLIP) | images | steady images/s, median (min-max) "
+        "| end-to-end s | end-to-end images/s | launch to first committed shard s | load avg "
+        "(1 min) at start |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for v in variants:
+        runs = [r for r in results if r.variant == v and r.error is None]
+        if not runs:
+            lines.append(f"| {v} | - | - | failed | - | - | - | - |")
+            continue
+        m = runs[0].metrics
+        met = " / ".join("on" if m.get(k) else "off" for k in ("macs", "clip"))
+        lines.append(
+            f"| {v} | {met} | {runs[0].images} | {fmt_spread(_col(results, v, 'steady_ips'))} "
+            f"| {fmt_spread(_col(results, v, 'wall_s'), 1)} "
+            f"| {fmt_spread(_col(results, v, 'wall_ips'))} "
+            f"| {fmt_spread(_col(results, v, 'first_commit_s'), 1)} "
+            f"| {fmt_spread(_col(results, v, 'load_before'))} |"
+        )
+    lines.append("")
+    lines += summary_lines(results, variants)
+    return "\n".join(lines)
+
+
+def _paired(results: list[RunResult], a: str, b: str, attr: str) -> list[float]:
+    """Per-repeat ratios a/b of ``attr`` (repeats where both ran)."""
+    by = {(r.variant, r.repeat): getattr(r, attr) for r in results if r.error is None}
+    reps = sorted({r.repeat for r in results})
+    pairs = [(by[(a, i)], by[(b, i)]) for i in reps if (a, i) in by and (b, i) in by]
+    return ratios([p[0] for p in pairs], [p[1] for p in pairs])
+
+
+def summary_lines(results: list[RunResult], variants: list[str]) -> list[str]:
+    out = []
+    if {"plain", "catbatch-1"} <= set(variants):
+        steady = _paired(results, "catbatch-1", "plain", "steady_ips")
+        wall = _paired(results, "catbatch-1", "plain", "wall_ips")
+        if steady:
+            med = median_spread(steady)[0]
+            out.append(
+                f"catbatch 1 actor / plain, steady images/s: {fmt_spread(steady, 3)} per repeat "
+                f"-> overhead {overhead_pct(med):.1f} % (target <= {OVERHEAD_TARGET_PCT:g} %: "
+                f"{verdict(overhead_pct(med) <= OVERHEAD_TARGET_PCT)}); end-to-end images/s "
+                f"ratio {fmt_spread(wall, 3)}"
+            )
+    if {"catbatch-1", "catbatch-2"} <= set(variants):
+        steady = _paired(results, "catbatch-2", "catbatch-1", "steady_ips")
+        wall = _paired(results, "catbatch-2", "catbatch-1", "wall_ips")
+        if steady:
+            med = median_spread(steady)[0]
+            out.append(
+                f"2 actors / 1 actor, steady images/s: {fmt_spread(steady, 2, 'x')} per repeat "
+                f"(target >= {SPEEDUP_TARGET:g}x: {verdict(med >= SPEEDUP_TARGET)}); end-to-end "
+                f"images/s ratio {fmt_spread(wall, 2, 'x')}"
+            )
+    if {"catbatch-1", "catbatch-1+metrics"} <= set(variants):
+        steady = _paired(results, "catbatch-1+metrics", "catbatch-1", "steady_ips")
+        if steady:
+            out.append(f"row metrics on / off (1 actor), steady: {fmt_spread(steady, 3)}")
+    for v in variants:
+        if v.startswith("catbatch"):
+            vals = _col(results, v, "first_commit_s")
+            out.append(f"{v}: launch to first committed shard {fmt_spread(vals, 1)} s")
+    for r in results:
+        if r.error:
+            out.append(f"FAILED {r.variant} repeat {r.repeat}: {r.error}")
+    return out
+
+
+# -- main ----------------------------------------------------------------------------------
+def write_job(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    base = [ln for ln in PROMPTS_FILE.read_text().splitlines() if ln.strip()]
+    lines = [
+        base[i % len(base)] + (f" #{i // len(base)}" if i >= len(base) else "")
+        for i in range(args.prompts)
+    ]
+    (work / "prompts.txt").write_text("\n".join(lines) + "\n")
+    cfg = {
+        "model": args.model,
+        "prompts_path": str(work / "prompts.txt"),
+        "size": args.size,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "shard_size": args.shard_size,
+        "macs": False,
+        "clip": False,
+        "output": str(work / "out"),
+    }
+    (work / "manifest.yaml").write_text(manifest_text(cfg))
+    (work / "manifest-metrics.yaml").write_text(manifest_text({**cfg, "macs": True, "clip": True}))
+    return cfg
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny-sd3")
+    parser.add_argument("--prompts", type=int, default=48)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--size", type=int, default=256, help="width = height, pixels")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--shard-size", type=int, default=8)
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the private Ray cluster")
+    parser.add_argument("--with-metrics", action="store_true", help="also 1 actor, MACs+CLIP on")
+    parser.add_argument("--quick", action="store_true", help="smoke: 64 px, 2 steps, 8 prompts")
+    parser.add_argument("--json", help="also write the raw results to this file")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--plain-child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-result", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.plain_child:
+        return plain_child(args.plain_child, args.child_result)
+    if args.quick:
+        args.prompts, args.repeats, args.size, args.steps = 8, 1, 64, 2
+        args.batch_size, args.shard_size = 2, 2
+
+    from catbatch.models.loader import describe_source
+
+    describe_source(args.model)  # builds a preset once, before anything is timed
+    variants = ["plain", "catbatch-1", "catbatch-2"]
+    if args.with_metrics:
+        variants.append("catbatch-1+metrics")
+    work = Path(tempfile.mkdtemp(prefix="catbatch-throughput-"))
+    cfg = write_job(work, args)
+    print(
+        f"{args.model}, {args.size}x{args.size}, {args.steps} steps, {args.prompts} prompts, "
+        f"batch {args.batch_size}, shard {args.shard_size}, fp32 CPU, 1 thread per actor / in "
+        f"the plain loop; Ray cluster of {args.num_cpus} CPUs; plain loop PNG-encodes its "
+        f"images (no Parquet); {os.cpu_count()} cores; work dir {work}",
+        flush=True,
+    )
+    results: list[RunResult] = []
+    for rep in range(args.repeats):
+        order = variants[rep % len(variants) :] + variants[: rep % len(variants)]
+        for v in order:
+            if v == "plain":
+                r = run_plain(work, rep, args.shard_size)
+            else:
+                actors = 2 if v == "catbatch-2" else 1
+                r = run_catbatch(work, v, actors, rep, args.num_cpus)
+            results.append(r)
+            print(
+                f"repeat {rep} {v}: steady {r.steady_ips:.3f} images/s, wall {r.wall_s:.1f} s, "
+                f"first {r.first_commit_s:.1f} s, load {r.load_before:.2f}->{r.load_after:.2f}"
+                + (f" ERROR {r.error.splitlines()[0]}" if r.error else ""),
+                flush=True,
+            )
+    print()
+    print(report(results, variants, cfg))
+    if args.json:
+        raw = {"config": cfg, "results": [{**asdict(r), "wall_ips": r.wall_ips} for r in results]}
+        Path(args.json).write_text(json.dumps(raw, indent=2))
+    if not args.keep:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all(r.error is None for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

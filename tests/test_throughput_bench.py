@@ -1,0 +1,106 @@
+"""The throughput benchmark's pure helpers: spreads, ratios, stats timestamps, steady rates."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = str(Path(__file__).resolve().parents[1])  # bench/ is not an installed package
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import throughput as tp  # noqa: E402
+from bench.throughput import Interval  # noqa: E402
+
+
+def test_median_spread_and_formatting():
+    assert tp.median_spread([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)
+    assert tp.fmt_spread([1.5, 1.0, 2.25]) == "1.50 (1.00-2.25)"
+    assert tp.fmt_spread([1.234], 1, "x") == "1.2x"
+    assert tp.fmt_spread([]) == "-"
+    assert tp.fmt_spread([float("nan"), 2.0, 4.0]) == "3.00 (2.00-4.00)"
+
+
+def test_ratios_pair_by_index_and_skip_zero_or_nan():
+    assert tp.ratios([2.0, 3.0, 1.0], [1.0, 0.0, 4.0]) == [2.0, 0.25]
+    assert tp.ratios([float("nan")], [1.0]) == []
+    assert tp.overhead_pct(0.96) == pytest.approx(4.0)
+    assert tp.overhead_pct(1.02) == pytest.approx(-2.0)
+
+
+def _stats(start: float, end: float, images: int = 8, **extra) -> dict:
+    return {"written_at": end, "seconds": end - start, "images_ok": images, **extra}
+
+
+def test_shard_intervals_from_stats_prefer_started_at():
+    ivs = tp.shard_intervals([_stats(10.0, 14.0), _stats(0.0, 4.0, started_at=1.0)])
+    assert ivs == [Interval(1.0, 4.0, 8), Interval(10.0, 14.0, 8)]
+    assert tp.first_commit_s([_stats(5.0, 9.0), _stats(0.0, 7.5)], launched_at=2.0) == 5.5
+
+
+def test_steady_rate_one_actor_skips_the_first_shard():
+    # first shard slow (warm-up), then 8 images per 4 s
+    ivs = [Interval(0, 10, 8), Interval(10, 14, 8), Interval(14, 18, 8), Interval(18, 22, 8)]
+    assert tp.steady_rate(ivs, actors=1) == pytest.approx(24 / 12)
+    assert math.isnan(tp.steady_rate(ivs[:1], actors=1))
+
+
+def test_steady_rate_two_actors_counts_partial_shards_pro_rata():
+    # actor A: first shard 0-8, then 8-12, 12-16; actor B: first shard 0-10, then 10-14, 14-18
+    a = [Interval(0, 8, 8), Interval(8, 12, 8), Interval(12, 16, 8)]
+    b = [Interval(0, 10, 8), Interval(10, 14, 8), Interval(14, 18, 8)]
+    # window 10-18: A's 8-12 counts half, A's 12-16 and B's 10-14, 14-18 in full
+    assert tp.steady_rate(a + b, actors=2) == pytest.approx((4 + 8 + 8 + 8) / 8)
+    # the naive count (every image committed after the first commit) would say more
+    assert tp.steady_rate(a + b, actors=2) < 5 * 8 / 10
+
+
+def test_plain_steady_rate_and_first_images():
+    batches = [Interval(100, 105, 4), Interval(105, 107, 4), Interval(107.5, 109, 4)]
+    assert tp.plain_steady_rate(batches) == pytest.approx(8 / 4)
+    assert math.isnan(tp.plain_steady_rate(batches[:1]))
+    assert tp.first_n_images_s(batches, 8, launched_at=90.0) == pytest.approx(17.0)
+    assert math.isnan(tp.first_n_images_s(batches, 20, launched_at=90.0))
+
+
+def test_manifest_text_sets_the_compared_configuration():
+    cfg = {
+        "model": "tiny-sd3",
+        "prompts_path": "/tmp/p.txt",
+        "size": 256,
+        "steps": 28,
+        "batch_size": 4,
+        "shard_size": 8,
+        "macs": False,
+        "clip": True,
+        "output": "/tmp/out",
+    }
+    m = yaml.safe_load(tp.manifest_text(cfg))  # catbatch.manifest imports torch: too slow here
+    assert (m["width"], m["height"], m["steps"]) == (256, 256, 28)
+    assert (m["batch_size"], m["shard_size"]) == (4, 8)
+    assert m["ray"]["address"] == "local" and m["ray"]["resources"]["cpus"] == 1
+    assert m["metrics"] == {"macs": False, "clip": {"enabled": True}}
+    assert m["model"] == {"id": "tiny-sd3", "dtype": "float32", "device": "cpu"}
+    assert m["prompts"]["path"] == "/tmp/p.txt" and m["output"] == "/tmp/out"
+
+
+def test_summary_lines_give_overhead_and_speedup_verdicts():
+    def run(variant: str, repeat: int, ips: float) -> tp.RunResult:
+        return tp.RunResult(variant, repeat, images=32, wall_s=60.0, steady_ips=ips)
+
+    results = [
+        run("plain", 0, 1.0),
+        run("catbatch-1", 0, 0.97),
+        run("catbatch-2", 0, 1.5),
+        run("plain", 1, 1.0),
+        run("catbatch-1", 1, 0.99),
+        run("catbatch-2", 1, 1.8),
+    ]
+    lines = tp.summary_lines(results, ["plain", "catbatch-1", "catbatch-2"])
+    text = "\n".join(lines)
+    assert "overhead 2.0 % (target <= 5 %: MET)" in text
+    assert "1.68x (1.55-1.82) per repeat (target >= 1.7x: MISSED)" in text
