@@ -20,10 +20,10 @@ demo: install
 	$(BIN)/catbatch submit manifests/demo.yaml
 
 test: install
-	$(BIN)/ruff check catbatch tests bench
+	$(BIN)/ruff check catbatch tests bench jobs
 	sh scripts/ensure-chromium.sh
 	$(BIN)/pytest -q --durations=25
 
 lint: install
-	$(BIN)/ruff check catbatch tests bench
-	$(BIN)/ruff format --check catbatch tests bench
+	$(BIN)/ruff check catbatch tests bench jobs
+	$(BIN)/ruff format --check catbatch tests bench jobs

@@ -106,6 +106,17 @@ def validate(manifest: str, output: str | None, no_model_check: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output of a different run.")
 @click.option("--retry-failed", is_flag=True, help="Also make again the images recorded as failed.")
 @click.option("--num-cpus", type=int, help="CPUs of the private local cluster (default: all).")
+@click.option(
+    "--gpus-per-actor",
+    type=click.FloatRange(0, 8),
+    help="GPUs per actor (ray.resources.gpus): 1 pins one GPU each, 0.5 shares one by two.",
+)
+@click.option("--cpu-only", is_flag=True, help="Run on CPUs even where the cluster has GPUs.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float16", "bfloat16", "float32"]),
+    help="Override model.dtype (part of the run's fingerprint).",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def submit(
     manifest: str,
@@ -115,6 +126,9 @@ def submit(
     overwrite: bool,
     retry_failed: bool,
     num_cpus: int | None,
+    gpus_per_actor: float | None,
+    cpu_only: bool,
+    dtype: str | None,
     quiet: bool,
 ) -> None:
     """Run the job described by MANIFEST and write Parquet shards to its output.
@@ -143,10 +157,9 @@ def submit(
     if output:
         overrides["output"] = output
     m = _load(manifest, overrides)
-    if address or actors:
-        ray_spec = m.ray.model_dump()
-        ray_spec.update({k: v for k, v in {"address": address, "actors": actors}.items() if v})
-        m = _load(manifest, {**overrides, "ray": ray_spec})
+    cluster = cluster_overrides(m, address, actors, gpus_per_actor, cpu_only, dtype)
+    if cluster:
+        m = _load(manifest, {**overrides, **cluster})
     p = _plan(m)
     with _output_lease(p.layout) as lease:
         try:
@@ -171,6 +184,30 @@ def submit(
         sys.exit(EXIT_SIGTERM)
     if summary.failed_tasks:
         sys.exit(1)
+
+
+def cluster_overrides(
+    m: Any,
+    address: str | None = None,
+    actors: int | None = None,
+    gpus_per_actor: float | None = None,
+    cpu_only: bool = False,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """The ``ray`` and ``model`` sections of manifest ``m`` with submit's flags applied (empty
+    when no flag is given); passed back through validation like the manifest's own values."""
+    ray_over = {"address": address, "actors": actors}
+    res_over = {"gpus": 0.0 if cpu_only else gpus_per_actor}
+    model_over = {"dtype": dtype, "device": "cpu" if cpu_only else None}
+    if all(v is None for d in (ray_over, res_over, model_over) for v in d.values()):
+        return {}
+
+    def merged(base: dict, over: dict) -> dict:
+        return {**base, **{k: v for k, v in over.items() if v is not None}}
+
+    ray_spec = merged(m.ray.model_dump(exclude_unset=True), ray_over)
+    ray_spec["resources"] = merged(m.ray.resources.model_dump(), res_over)
+    return {"ray": ray_spec, "model": merged(m.model.model_dump(exclude_unset=True), model_over)}
 
 
 @main.command()

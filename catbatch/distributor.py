@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +29,12 @@ def connect(address: str, num_cpus: int | None, object_store_mb: int) -> None:
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING}
+    if address == "local" and os.environ.get("RAY_ADDRESS"):
+        log.warning(
+            "RAY_ADDRESS is set (%s) but ray.address is 'local': starting a private cluster on "
+            "this machine; pass --address auto to use that cluster",
+            os.environ["RAY_ADDRESS"],
+        )
     if address == "local":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         kwargs.update(
@@ -40,18 +47,24 @@ def connect(address: str, num_cpus: int | None, object_store_mb: int) -> None:
     ray.init(**kwargs)
 
 
-def plan_actors(manifest: Manifest, n_tasks: int) -> tuple[int, float, float]:
-    """(number of actors, CPUs each, GPUs each) for the cluster we are connected to."""
-    res = ray.cluster_resources()
+def plan_actors(
+    manifest: Manifest, n_tasks: int, resources: dict[str, float] | None = None
+) -> tuple[int, float, float]:
+    """(number of actors, CPUs each, GPUs each) for the cluster's ``resources`` (default: the
+    cluster we are connected to). With ``model.device: auto`` GPUs are asked for only where the
+    cluster has them; with ``cuda`` always (set ``actors: N`` when GPU nodes autoscale from
+    zero); with ``cpu`` never. ``actors: auto`` fills the GPUs (or the CPUs without GPUs)."""
+    res = ray.cluster_resources() if resources is None else resources
     gpus_total = res.get("GPU", 0.0)
     cpus = manifest.ray.resources.cpus
-    want_gpu = manifest.model.device != "cpu" and gpus_total > 0
+    device = manifest.model.device
+    # device cuda asks for GPUs even before any GPU node is up (an autoscaler adds them)
+    want_gpu = device == "cuda" or (device == "auto" and gpus_total > 0)
     gpus = manifest.ray.resources.gpus if want_gpu else 0.0
     if manifest.ray.actors == "auto":
-        if gpus > 0:
-            n = int(gpus_total // gpus)
-        else:
-            n = int(res.get("CPU", 1) // cpus)
+        # a tiny epsilon: 3 x 0.33 GPUs fit on 1 GPU
+        per = int(gpus_total / gpus + 1e-6) if gpus > 0 else int(res.get("CPU", 1) / cpus + 1e-6)
+        n = max(per, 1)
     else:
         n = manifest.ray.actors
     return max(1, min(n, n_tasks)), cpus, gpus
@@ -79,6 +92,7 @@ class ShardActor:
         from catbatch.manifest import Manifest
         from catbatch.worker import Worker
 
+        t0 = time.perf_counter()
         os.environ.update(env or {})
         torch.set_num_threads(max(1, threads))
         manifest = Manifest.model_validate({**manifest_json, "base_dir": base_dir})
@@ -86,6 +100,14 @@ class ShardActor:
         self.layout = OutputLayout(manifest.output_url)
         if driver_pid is not None:  # same host: stop, uncommitted, if the driver dies
             self.worker.owner_alive = lambda: _pid_alive(driver_pid)
+        self.worker.placement = {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "device": self.worker.device_name,
+        }
+        self.load_s = round(time.perf_counter() - t0, 3)
 
     def info(self) -> dict:
         pipe = self.worker.pipe
@@ -95,13 +117,21 @@ class ShardActor:
             "scheduler": {k: _jsonable(v) for k, v in dict(pipe.scheduler.config).items()},
             "pid": os.getpid(),
             "gpu_ids": ray.get_gpu_ids(),
+            "placement": self.worker.placement,
+            "load_s": self.load_s,
             "metrics": self.worker.metrics_info(),
         }
 
     def run(self, task: Task) -> dict:
+        """The shard's stats and the structured events of the task (see Worker.event)."""
         from dataclasses import asdict
 
-        return asdict(self.worker.run_task(task, self.layout))
+        try:
+            stats = asdict(self.worker.run_task(task, self.layout))
+        except Exception as e:
+            self.worker.event("task_error", task=task.key, error=f"{type(e).__name__}: {e}")
+            raise
+        return {"stats": stats, "events": self.worker.take_events()}
 
     @ray.method(concurrency_group="probe")
     def progress(self) -> float | None:
@@ -135,6 +165,26 @@ class PoolResult:
     retries: list[tuple[str, str]] = field(default_factory=list)  # (task key, why)
     stopped: bool = False  # stop() turned true: unstarted tasks were not run
     abandoned: list[str] = field(default_factory=list)  # running at the end of the grace period
+
+
+class PoolObserver:
+    """What the pool reports as it runs (every method optional; the driver implements them)."""
+
+    def actor_ready(self, name: str, info: dict) -> None: ...
+
+    def actor_lost(self, name: str, error: str) -> None: ...
+
+    def task_done(self, name: str, task: Task, stats: dict, events: list[dict]) -> None: ...
+
+    def task_retry(self, name: str, task: Task, error: str, will_retry: bool) -> None: ...
+
+    def tick(self, queued: int, running: int, actors: int) -> None: ...
+
+
+@dataclass(eq=False)
+class _Actor:
+    handle: Any
+    name: str  # actor-N, in start order; replacements get new numbers
 
 
 class _HangWatch:
@@ -174,12 +224,39 @@ class _HangWatch:
                     out.append(ref)
                     continue
             if now - sent >= self.every_s:
-                self.asked[ref] = (actor.progress.remote(), now)
+                self.asked[ref] = (actor.handle.progress.remote(), now)
         return out
 
     def forget(self, ref: Any) -> None:
         self.asked.pop(ref, None)
         self.answered.pop(ref, None)
+
+
+class _PlacementWait:
+    """Warns every minute while no actor has started (no free GPU, an autoscaler adding
+    nodes, or a pipeline still loading), naming what each actor needs."""
+
+    def __init__(self, every_s: float = 60.0):
+        self.every_s = every_s
+        self.since = time.monotonic()
+        self.last = self.since
+
+    def check(self, n_starting: int, cpus: float, gpus: float) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        free = ray.available_resources()
+        log.warning(
+            "%.0f s and no actor is ready yet: %d starting, each needs %g CPU and %g GPU; the "
+            "cluster has %g CPU and %g GPU free",
+            now - self.since,
+            n_starting,
+            cpus,
+            gpus,
+            free.get("CPU", 0.0),
+            free.get("GPU", 0.0),
+        )
 
 
 def run_pool(
@@ -189,64 +266,86 @@ def run_pool(
     n_actors: int,
     cpus: float,
     gpus: float,
-    on_done: Callable[[Task, dict], None],
+    observer: PoolObserver | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> PoolResult:
     """Run every task on a pull-based actor pool.
 
-    A task whose actor dies (crash, SIGKILL, lost node) or whose batch runs past
-    ``ray.batch_timeout_s`` (its actor is killed) is retried on a fresh actor, up to
-    ``ray.max_attempts`` tries in all, then reported in ``failed``. Once ``stop()`` is true
-    (SIGTERM) no task starts; running ones get ``ray.stop_grace_s`` seconds to commit, then
-    their actors are killed and the tasks are ``abandoned`` (still pending for the next run).
+    Actors start in the background; each takes a task as soon as its pipeline is loaded and the
+    next one when it finishes, so fast and slow devices both stay busy and an actor that cannot
+    be placed yet (no free GPU) holds no work. A task whose actor dies (crash, SIGKILL, lost
+    node) or whose batch runs past ``ray.batch_timeout_s`` (its actor is killed) is retried on
+    another actor, up to ``ray.max_attempts`` tries in all, then reported in ``failed``. A dead
+    actor is replaced while work is left. Once ``stop()`` is true (SIGTERM) no task starts;
+    running ones get ``ray.stop_grace_s`` seconds to commit, then their actors are killed and
+    the tasks are ``abandoned`` (still pending for the next run). An actor whose pipeline fails
+    to load raises :class:`ray.exceptions.RayActorError` (the same error would hit every actor).
     """
     spec = manifest.ray
+    obs = observer or PoolObserver()
     payload = manifest.model_dump(mode="json", exclude_unset=True)
     threads = max(1, int(cpus))
     env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
     # A private cluster's workers outlive a SIGKILLed driver by a task; they must not commit.
     # (On a shared cluster Ray itself kills the actors of a dead driver.)
     driver_pid = os.getpid() if spec.address == "local" else None
-
-    def start_actor() -> Any:
-        return ShardActor.options(num_cpus=cpus, num_gpus=gpus).remote(
-            payload, manifest.base_dir, source, threads, env, driver_pid
-        )
+    started = 0
+    max_starts = n_actors + max(2 * n_actors, spec.max_attempts * len(tasks))
 
     result = PoolResult()
     queue: deque[Task] = deque(tasks)
     attempts: dict[str, int] = {}
-    actors = [start_actor() for _ in range(n_actors)]
-    infos = ray.get([a.info.remote() for a in actors])
-    result.worker_info = infos[0] if infos else {}
-    running: dict[Any, tuple[Any, Task]] = {}
+    starting: dict[Any, _Actor] = {}  # info ref -> actor loading its pipeline
+    running: dict[Any, tuple[_Actor, Task]] = {}
+    ready: set[_Actor] = set()
     watch = _HangWatch(spec.batch_timeout_s)
+    waiting = _PlacementWait()
     stop_since: float | None = None
 
     def stopping() -> bool:
         return stop is not None and stop()
 
-    def submit(actor: Any) -> None:
+    def start_actor() -> None:
+        nonlocal started
+        if started >= max_starts:
+            return
+        handle = ShardActor.options(num_cpus=cpus, num_gpus=gpus).remote(
+            payload, manifest.base_dir, source, threads, env, driver_pid
+        )
+        actor = _Actor(handle, f"actor-{started}")
+        started += 1
+        starting[handle.info.remote()] = actor
+
+    def submit(actor: _Actor) -> None:
         if queue and not stopping():
             task = queue.popleft()
             attempts[task.key] = attempts.get(task.key, 0) + 1
-            running[actor.run.remote(task)] = (actor, task)
+            running[actor.handle.run.remote(task)] = (actor, task)
+        else:  # nothing left for it: free its GPU for other jobs
+            ready.discard(actor)
+            ray.kill(actor.handle, no_restart=True)
 
-    def retry_or_fail(task: Task, error: str) -> None:
+    def retry_or_fail(actor: _Actor, task: Task, error: str) -> None:
         log.warning("shard %s attempt %d failed: %s", task.key, attempts[task.key], error)
-        if attempts[task.key] < spec.max_attempts:
+        again = attempts[task.key] < spec.max_attempts
+        obs.task_retry(actor.name, task, error, again)
+        if again:
             result.retries.append((task.key, error))
             queue.append(task)
         else:
             result.failed[task.key] = f"{error} ({attempts[task.key]} attempts)"
 
-    def replacement() -> Any | None:
-        """A fresh actor for a dead one, when there is work left for it."""
-        return start_actor() if queue and not stopping() else None
+    def lost(actor: _Actor, error: str) -> None:
+        """An actor is gone: replace it while work is left and fewer actors run than asked."""
+        ready.discard(actor)
+        obs.actor_lost(actor.name, error)
+        if queue and not stopping() and len(ready) + len(starting) < n_actors:
+            start_actor()
 
-    for a in actors:
-        submit(a)
-    while running:
+    for _ in range(min(n_actors, len(tasks))):
+        start_actor()
+    while running or (starting and queue and not stopping()):
+        obs.tick(len(queue), len(running), len(ready))
         if stop_since is None and stopping():
             stop_since = time.monotonic()
             result.stopped = True
@@ -257,35 +356,58 @@ def run_pool(
             )
         if stop_since is not None and time.monotonic() - stop_since >= spec.stop_grace_s:
             for actor, task in running.values():
-                ray.kill(actor, no_restart=True)
+                ray.kill(actor.handle, no_restart=True)
                 result.abandoned.append(task.key)
             break
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_S)
-        if not ready:
+        done, _ = ray.wait([*running, *starting], num_returns=1, timeout=POLL_S)
+        if not running and not ready:
+            waiting.check(len(starting), cpus, gpus)
+        if not done:
             for ref in watch.hung(running):
                 actor, task = running.pop(ref)
                 watch.forget(ref)
-                ray.kill(actor, no_restart=True)
+                ray.kill(actor.handle, no_restart=True)
                 ray.wait([ref], timeout=30)  # the actor is gone before the task runs again
-                retry_or_fail(task, f"a batch ran past batch_timeout_s={spec.batch_timeout_s:g} s")
-                if (new := replacement()) is not None:
-                    submit(new)
+                retry_or_fail(
+                    actor, task, f"a batch ran past batch_timeout_s={spec.batch_timeout_s:g} s"
+                )
+                lost(actor, "killed: batch timeout")
             continue
-        ref = ready[0]
+        ref = done[0]
+        if ref in starting:
+            actor = starting.pop(ref)
+            try:
+                info = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                if e.actor_init_failed:
+                    raise  # the pipeline cannot load: every actor would fail the same way
+                lost(actor, f"died while starting: {_first_line(e)}")
+                continue
+            result.worker_info = result.worker_info or info
+            ready.add(actor)
+            obs.actor_ready(actor.name, info)
+            submit(actor)
+            continue
         actor, task = running.pop(ref)
         watch.forget(ref)
         try:
-            stats = ray.get(ref)
+            out = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            retry_or_fail(task, f"actor died: {_first_line(e)}")
-            actor = replacement()
+            retry_or_fail(actor, task, f"actor died: {_first_line(e)}")
+            lost(actor, _first_line(e))
+            continue
         except ray.exceptions.RayTaskError as e:
-            retry_or_fail(task, _first_line(e.cause or e))
+            retry_or_fail(actor, task, _first_line(e.cause or e))
         else:
-            result.done.append(stats)
-            on_done(task, stats)
-        if actor is not None:
-            submit(actor)
+            result.done.append(out["stats"])
+            obs.task_done(actor.name, task, out["stats"], out["events"])
+        submit(actor)
+    for actor in [*starting.values(), *ready]:
+        ray.kill(actor.handle, no_restart=True)
+    if not result.stopped:  # every actor start failed (max_starts): say so, do not drop them
+        for task in queue:
+            result.failed[task.key] = f"no actor could run it ({started} actor starts failed)"
+    obs.tick(len(queue), 0, 0)
     return result
 
 

@@ -20,6 +20,7 @@ from catbatch.layout import OutputLayout
 from catbatch.lease import Lease
 from catbatch.manifest import Manifest
 from catbatch.models.loader import ModelLoadError, describe_source
+from catbatch.observe import EventLog, JobMetrics, Throughput
 from catbatch.prompts import Prompt, read_prompts
 from catbatch.runrecord import fingerprint, fingerprint_inputs, run_record
 from catbatch.sharding import Shard, Task, make_shards, make_tasks
@@ -209,12 +210,20 @@ def submit(
         n, cpus, gpus = distributor.plan_actors(m, len(p.pending))
         total = sum(p.images_per_task[t.key] for t in p.pending)
         bar = tqdm(total=total, unit="img", disable=not progress, desc=m.name, smoothing=0.1)
-
-        def on_done(task: Task, stats: dict) -> None:
-            summary.images += stats["images_ok"]
-            summary.failed_images += stats["images_failed"]
-            bar.update(stats["rows"])
-
+        observer = JobObserver(m.name, layout, summary, bar, total)
+        observer.events.note(
+            "driver",
+            "run_start",
+            address=m.ray.address,
+            pending_tasks=len(p.pending),
+            images=total,
+            actors=n,
+            cpus_per_actor=cpus,
+            gpus_per_actor=gpus,
+            cluster=ray.cluster_resources(),
+        )
+        record["logs"] = observer.events.folder
+        layout.write_json(layout.run_record, record)
         try:
             with stop_on_sigterm() as stop:
                 result = distributor.run_pool(
@@ -224,13 +233,16 @@ def submit(
                     n,
                     cpus,
                     gpus,
-                    on_done,
+                    observer,
                     stop=lambda: stop.is_set() or (lease is not None and lease.lost.is_set()),
                 )
         except ray.exceptions.RayActorError as e:
+            observer.events.note("driver", "workers_failed", error=_root_cause(e))
+            observer.events.flush()
             raise JobError(f"the workers could not start: {_root_cause(e)}") from None
         finally:
             bar.close()
+        observer.finish(result)
         summary.failed_tasks = result.failed
         summary.stopped = result.stopped
         summary.unfinished_tasks = len(p.pending) - len(result.done)
@@ -250,6 +262,7 @@ def submit(
     done = summary.unfinished_tasks == 0 and not summary.failed_tasks
     status = "complete" if done else "incomplete"
     status = "interrupted" if summary.stopped else status
+    logs = record.get("logs")
     record = run_record(
         m,
         p.model_source,
@@ -260,8 +273,84 @@ def submit(
         {**summary.__dict__, "images_per_s": summary.images_per_s},
         planned=p.planned,
     )
+    if logs:
+        record["logs"] = logs
     layout.write_json(layout.run_record, record)
     return summary
+
+
+class JobObserver(distributor.PoolObserver):
+    """Turns what the actor pool reports into the progress bar (with ETA), Ray metrics and the
+    run's JSON-lines logs (``logs/<run id>/driver.jsonl`` and one file per actor)."""
+
+    def __init__(self, job: str, layout: OutputLayout, summary: Summary, bar: tqdm, total: int):
+        self.summary, self.bar = summary, bar
+        self.rate = Throughput(total)
+        self.metrics = JobMetrics(job)
+        self.events = EventLog(layout)
+        self.failed_tasks = 0
+
+    def actor_ready(self, name: str, info: dict) -> None:
+        self.events.note(
+            "driver", "actor_ready", actor=name, load_s=info.get("load_s"), **info["placement"]
+        )
+        self.events.flush()
+
+    def actor_lost(self, name: str, error: str) -> None:
+        self.events.note("driver", "actor_lost", actor=name, error=error)
+        self.events.flush()
+
+    def task_done(self, name: str, task: Task, stats: dict, events: list[dict]) -> None:
+        self.summary.images += stats["images_ok"]
+        self.summary.failed_images += stats["images_failed"]
+        self.rate.add(stats["rows"], stats["images_failed"])
+        self.metrics.inc("images", stats["rows"])
+        self.metrics.inc("failed_images", stats["images_failed"])
+        self.events.add(name, events)
+        self.events.flush()
+        self.bar.update(stats["rows"])
+
+    def task_retry(self, name: str, task: Task, error: str, will_retry: bool) -> None:
+        kind = "task_retry" if will_retry else "task_failed"
+        self.events.note("driver", kind, actor=name, task=task.key, error=error)
+        self.events.flush()
+        self.metrics.inc("task_retries" if will_retry else "failed_tasks")
+
+    def tick(self, queued: int, running: int, actors: int) -> None:
+        eta = self.rate.eta_s()
+        for name, value in (
+            ("queue_depth", queued),
+            ("running_tasks", running),
+            ("actors", actors),
+            ("images_per_second", self.rate.images_per_s()),
+            ("eta_seconds", eta),
+        ):
+            self.metrics.set(name, value)
+        self.bar.set_postfix_str(
+            f"failed={self.rate.failed} queued={queued} eta={_clock(eta)}", refresh=False
+        )
+
+    def finish(self, result: distributor.PoolResult) -> None:
+        self.events.note(
+            "driver",
+            "run_end",
+            tasks_done=len(result.done),
+            tasks_failed=len(result.failed),
+            retries=len(result.retries),
+            abandoned=result.abandoned,
+            stopped=result.stopped,
+            images=self.summary.images,
+            failed_images=self.summary.failed_images,
+            images_per_s=self.rate.images_per_s(),
+        )
+        self.events.flush()
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 @contextmanager

@@ -38,6 +38,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class MemorySpec(_Strict):
+    """Memory savers passed to the diffusers pipeline (all off by default).
+
+    ``vae_tiling``/``vae_slicing`` decode large images / batches in pieces; ``cpu_offload``
+    keeps weights in CPU memory and moves each model (``model``) or each layer
+    (``sequential``, slowest, least memory) to the GPU when used; ``drop_t5`` loads SD3 / SD3.5
+    without its T5 text encoder (about 9 GB less in fp16; prompts are encoded by the CLIPs only).
+    """
+
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    cpu_offload: Literal["none", "model", "sequential"] = "none"
+    drop_t5: bool = False
+
+
 class ModelSpec(_Strict):
     """Which pipeline to load: a built-in preset, a local directory or a hub id."""
 
@@ -45,19 +60,27 @@ class ModelSpec(_Strict):
     revision: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float16"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    memory: MemorySpec = MemorySpec()
 
 
 class Resources(_Strict):
-    """Ray resources per actor; GPUs are used only where the cluster has them."""
+    """Ray resources per actor. ``gpus`` may be fractional (0.5: two actors share a GPU) and
+    is used only where the cluster has GPUs; 0 runs CPU-only actors."""
 
     cpus: float = Field(1.0, gt=0)
     gpus: float = Field(1.0, ge=0, le=8)
 
 
 class RaySpec(_Strict):
-    """Where the actors run and how many there are."""
+    """Where the actors run and how many there are.
 
-    address: str = "local"
+    ``address``: ``local`` starts a private cluster on this machine (the default), ``auto``
+    joins the cluster this process runs in (a Ray Job, a head node, ``RAY_ADDRESS``), anything
+    else is a cluster address (``ray://head:10001`` or ``head:6379``). ``actors: auto`` is one
+    per GPU (``gpus`` each) on a cluster with GPUs, else one per ``cpus`` CPUs.
+    """
+
+    address: str = Field("local", min_length=1)
     actors: int | Literal["auto"] = "auto"
     resources: Resources = Resources()
     object_store_mb: int = Field(256, ge=64)

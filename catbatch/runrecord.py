@@ -18,9 +18,13 @@ def fingerprint_inputs(manifest: Manifest, model_source: dict | None = None) -> 
     """Everything that changes results: model (and the snapshot it resolved to), dtype, every
     variant's sampling and pruning settings, seed, images per prompt, the prompt source's
     identity (location and reading options, not content: that is each shard's ``content_hash``)
-    and the shard size. Not batch size, actors, device or output location."""
+    and the shard size. Not batch size, actors, device, offloading or output location; of the
+    memory options only those that change images (``drop_t5``, ``vae_tiling``), when on."""
+    model = manifest.model.model_dump(exclude={"device", "memory"})
+    mem = manifest.model.memory
+    model.update({k: True for k in ("drop_t5", "vae_tiling") if getattr(mem, k)})
     return {
-        "model": manifest.model.model_dump(exclude={"device"}),
+        "model": model,
         "model_snapshot": resolved_snapshot(model_source or {}),
         "variants": {k: v.model_dump() for k, v in manifest.resolved_variants().items()},
         "seed": manifest.seed,

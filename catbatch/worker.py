@@ -123,7 +123,9 @@ class Worker:
         self.source = source or describe_source(
             manifest.model.id, manifest.model.revision, manifest.base_dir
         )
-        self.pipe = load_pipeline(self.source, manifest.model.dtype, self.device)
+        self.pipe = load_pipeline(
+            self.source, manifest.model.dtype, self.device, manifest.model.memory.model_dump()
+        )
         self.device_name = device_name(self.device)
         self.variants = manifest.resolved_variants()
         self._pruning: dict | None = None
@@ -134,7 +136,19 @@ class Worker:
         # False once the driver that owns this worker is gone: stop before the next batch and
         # never commit (a rerun may be writing the same shard); set by the Ray actor
         self.owner_alive: Callable[[], bool] = lambda: True
+        # where this worker runs (node, GPU ids, pid), set by the Ray actor; in each shard's stats
+        self.placement: dict[str, Any] = {}
+        self.events: list[dict[str, Any]] = []  # structured log, collected by take_events()
         self._init_metrics()
+
+    def event(self, kind: str, **fields: Any) -> None:
+        """Record a structured log event (task, batch, split, error) with a wall-clock time."""
+        self.events.append({"t": round(time.time(), 3), "event": kind, **fields})
+
+    def take_events(self) -> list[dict[str, Any]]:
+        """The events recorded since the last call."""
+        out, self.events = self.events, []
+        return out
 
     def batch_elapsed(self) -> float | None:
         """Seconds the running batch has taken so far (None between batches)."""
@@ -158,6 +172,7 @@ class Worker:
         self.batch_splits = []
         settings = self.variants[task.variant]
         items = self.items(task.shard.prompts)
+        self.event("task_start", task=task.key, images=len(items))
         rows: list[Row] = []
         bs = self.manifest.batch_size
         good = [it for it in items if it.prompt.problem is None]
@@ -171,7 +186,10 @@ class Worker:
         order = {(it.prompt.sample_id, it.image_index): n for n, it in enumerate(items)}
         rows.sort(key=lambda r: order[(r.sample_id, r.image_index)])
         self._check_owner(task)
-        return write_shard(
+        extra: dict[str, Any] = {"batch_splits": self.batch_splits} if self.batch_splits else {}
+        if self.placement:
+            extra["worker"] = self.placement
+        stats = write_shard(
             layout,
             task.variant,
             task.shard.name,
@@ -179,8 +197,16 @@ class Worker:
             rows,
             time.perf_counter() - start,
             self.device_name,
-            {"batch_splits": self.batch_splits} if self.batch_splits else None,
+            extra,
         )
+        self.event(
+            "task_commit",
+            task=task.key,
+            seconds=round(stats.seconds, 3),
+            images_ok=stats.images_ok,
+            images_failed=stats.images_failed,
+        )
+        return stats
 
     def _check_owner(self, task: Task) -> None:
         if not self.owner_alive():
@@ -205,13 +231,24 @@ class Worker:
                 _free_memory()
         finally:
             self.batch_started = None
+        seconds = round(time.perf_counter() - t0, 3)
         if error is not None and len(batch) > 1:
+            self.event("batch_split", task=task.key, batch=batch_id, size=len(batch), error=error)
             self.batch_splits.append({"batch_id": batch_id, "size": len(batch), "error": error})
             half = (len(batch) + 1) // 2
             return self.generate_rows(
                 batch[:half], task, settings, f"{batch_id}.0"
             ) + self.generate_rows(batch[half:], task, settings, f"{batch_id}.1")
         finite = [images is not None and np.isfinite(images[n]).all() for n in range(len(batch))]
+        self.event(
+            "batch",
+            task=task.key,
+            batch=batch_id,
+            size=len(batch),
+            seconds=seconds,
+            ok=int(sum(bool(f) for f in finite)),
+            **({"error": error[:500]} if error else {}),
+        )
         scores, t_score = self._clip_scores(batch, images, finite)
         latency = (time.perf_counter() - t0) / len(batch)
         per_row = (

@@ -6,6 +6,7 @@ how to point the manifest at a local copy.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ def _hub_snapshot(model_id: str, revision: str | None) -> str:
         "Hugging Face cache"
     )
     how = (
-        "Download it where the hub is reachable (for example `huggingface-cli download "
+        "Download it where the hub is reachable (for example `hf download "
         f"{model_id} --local-dir /models/{model_id.split('/')[-1]}`) and set model.id in the "
         "manifest to that folder, or set HF_HOME to a cache that holds it."
     )
@@ -74,8 +75,11 @@ def _hub_snapshot(model_id: str, revision: str | None) -> str:
         ) from None
 
 
-def load_pipeline(source: dict, dtype: str = "float32", device: str = "cpu") -> Any:
-    """Load the pipeline that :func:`describe_source` found, onto ``device``."""
+def load_pipeline(
+    source: dict, dtype: str = "float32", device: str = "cpu", memory: dict | None = None
+) -> Any:
+    """Load the pipeline that :func:`describe_source` found onto ``device``, with the manifest's
+    memory options (``model.memory``: vae_tiling, vae_slicing, cpu_offload, drop_t5)."""
     import diffusers
     import transformers
     from diffusers import DiffusionPipeline
@@ -85,13 +89,15 @@ def load_pipeline(source: dict, dtype: str = "float32", device: str = "cpu") -> 
     for lib in (diffusers, transformers):  # one worker per GPU: keep their logs readable
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
+    memory = memory or {}
     torch_dtype = DTYPES[dtype]
+    skip = _dropped_components(source, memory)
     try:
         if source["kind"] == "preset":
             pipe = tiny.load_tiny_pipeline(source["path"], torch_dtype=torch_dtype)
         else:
             pipe = DiffusionPipeline.from_pretrained(
-                source["path"], torch_dtype=torch_dtype, local_files_only=True
+                source["path"], torch_dtype=torch_dtype, local_files_only=True, **skip
             )
     except ModelLoadError:
         raise
@@ -100,6 +106,44 @@ def load_pipeline(source: dict, dtype: str = "float32", device: str = "cpu") -> 
             f"model {source['path']!r} failed to load: {type(e).__name__}: {e}"
         ) from e
     pipe.set_progress_bar_config(disable=True)
+    if skip:
+        if "text_encoder_3" not in pipe.config:
+            raise ModelLoadError(_NO_T5.format(source.get("path")))
+        pipe.register_modules(**skip)  # a preset loads everything: drop it here
+    return apply_memory_options(pipe, memory, device)
+
+
+def _dropped_components(source: dict, memory: dict) -> dict[str, None]:
+    """``{"text_encoder_3": None, "tokenizer_3": None}`` when ``drop_t5`` asks for it."""
+    if not memory.get("drop_t5"):
+        return {}
+    index = Path(source.get("path", "")) / "model_index.json"
+    if source["kind"] != "preset" and index.is_file():
+        if "text_encoder_3" not in json.loads(index.read_text()):
+            raise ModelLoadError(_NO_T5.format(source.get("path")))
+    return {"text_encoder_3": None, "tokenizer_3": None}
+
+
+_NO_T5 = (
+    "model {!r}: model.memory.drop_t5 applies to SD3 / SD3.5 pipelines (a third, T5 text "
+    "encoder); this pipeline has none to drop"
+)
+
+
+def apply_memory_options(pipe: Any, memory: dict, device: str) -> Any:
+    """VAE tiling/slicing, then CPU offload (GPU only) or a plain move to ``device``."""
+    vae = getattr(pipe, "vae", None)
+    if memory.get("vae_tiling") and vae is not None:
+        vae.enable_tiling()
+    if memory.get("vae_slicing") and vae is not None:
+        vae.enable_slicing()
+    offload = memory.get("cpu_offload", "none")
+    if offload != "none" and device.startswith("cuda"):
+        if offload == "model":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.enable_sequential_cpu_offload(device=device)
+        return pipe
     return pipe.to(device)
 
 
