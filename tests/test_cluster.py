@@ -1,16 +1,16 @@
 """Scale-out on one machine: a three-node Ray cluster on loopback whose nodes declare GPUs.
 
-The driver (`catbatch submit --address ...` in a subprocess) joins it like a real cluster. Each
-actor is pinned to one (declared) GPU; shards run on every worker node; a node removed in the
-middle of the run loses and duplicates nothing; the run's logs and Ray metrics are checked.
+`catbatch submit --address auto` runs as the entrypoint of a Ray Job (submitted to the head's
+job server, as `ray job submit` does) and joins the cluster like a real one. Each actor is
+pinned to one (declared) GPU; shards run on every worker node; a node removed in the middle of
+the run loses and duplicates nothing; the run's logs and Ray metrics are checked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import socket
-import subprocess
 import sys
 import time
 import urllib.request
@@ -49,7 +49,7 @@ def cluster(tiny_cache):
     from ray.cluster_utils import Cluster
 
     common = {"object_store_memory": 80 * 1024 * 1024}
-    ports = [_free_port() for _ in range(3)]
+    ports = [_free_port() for _ in range(4)]
     c = Cluster(
         initialize_head=True,
         connect=False,
@@ -58,13 +58,16 @@ def cluster(tiny_cache):
             "num_cpus": 0,
             "num_gpus": 0,
             "metrics_export_port": ports[0],
+            "include_dashboard": True,  # the job server of `ray job submit`
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": ports[3],
             "_system_config": {"metrics_report_interval_ms": 1000},
         },
     )
     a = c.add_node(**common, num_cpus=2, num_gpus=2, metrics_export_port=ports[1])
     b = c.add_node(**common, num_cpus=1, num_gpus=1, metrics_export_port=ports[2])
     c.wait_for_nodes()
-    yield c, a, b, ports
+    yield c, a, b, ports[:3], f"http://127.0.0.1:{ports[3]}"
     c.shutdown()
 
 
@@ -83,23 +86,35 @@ def _scrape(ports: list[int]) -> str:
     return text
 
 
-def test_three_node_cluster_pins_gpus_survives_node_loss(tmp_path: Path, cluster) -> None:
-    c, node_a, node_b, ports = cluster
+def _submit_job(url: str, entrypoint: str, env: dict[str, str]) -> tuple[object, str]:
+    """Submit a Ray Job (retrying while the head's job agent starts); (client, job id)."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            client = JobSubmissionClient(url)
+            return client, client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": env})
+        except (RuntimeError, ConnectionError) as e:  # "No available agent", not up yet
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the job server did not start: {e}") from e
+            time.sleep(1)
+
+
+def test_ray_job_on_three_nodes_pins_gpus_survives_node_loss(tmp_path: Path, cluster) -> None:
+    from ray.job_submission import JobStatus
+
+    c, node_a, node_b, ports, url = cluster
     (tmp_path / "prompts.txt").write_text("".join(f"shape {i}\n" for i in range(N_PROMPTS)))
     (tmp_path / "job.yaml").write_text(MANIFEST.format(shard=SHARD))
     out = tmp_path / "out"
-    env = {**os.environ, "CATBATCH_TEST_FAULTS": json.dumps({"delay_s": 1.0})}
-    cmd = [sys.executable, "-m", "catbatch.cli", "submit", str(tmp_path / "job.yaml")]
-    proc = subprocess.Popen(
-        [*cmd, "--address", c.address, "--quiet"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    entrypoint = f"{sys.executable} -m catbatch.cli submit {tmp_path / 'job.yaml'} --address auto"
+    env = {"CATBATCH_TEST_FAULTS": json.dumps({"delay_s": 1.0})}
+    client, job = _submit_job(url, f"{entrypoint} --quiet", env)
     removed, metrics = False, ""
-    deadline = time.monotonic() + 240
-    while proc.poll() is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + 300
+    status = client.get_job_status(job)
+    while not status.is_terminal() and time.monotonic() < deadline:
         time.sleep(0.5)
         if "ray_catbatch_images" not in metrics:
             metrics = _scrape(ports)
@@ -107,9 +122,11 @@ def test_three_node_cluster_pins_gpus_survives_node_loss(tmp_path: Path, cluster
         if on_b and not removed:
             c.remove_node(node_b)  # node B's actor is busy with its next shard: lost mid-run
             removed = True
-    output = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0]
-    assert proc.returncode == 0, output
+        status = client.get_job_status(job)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert removed, "node B never committed a shard"
+    assert "images: 12 generated, 0 failed" in logs
 
     # nothing lost, nothing duplicated: every shard committed once, every prompt exactly once
     stats = _stats(out)
@@ -123,8 +140,6 @@ def test_three_node_cluster_pins_gpus_survives_node_loss(tmp_path: Path, cluster
     assert len(rows) == N_PROMPTS and {r["status"] for r in rows} == {"ok"}
     for s in stats:
         data = (out / "variants/default" / f"{s['shard']}.parquet").read_bytes()
-        import hashlib
-
         assert hashlib.sha256(data).hexdigest() == s["parquet_sha256"]
 
     # shards ran on both worker nodes; node A's two actors each had their own GPU
@@ -132,8 +147,8 @@ def test_three_node_cluster_pins_gpus_survives_node_loss(tmp_path: Path, cluster
     assert nodes == {node_a.node_id, node_b.node_id}
     record = json.loads((out / "run.json").read_text())
     assert record["status"] == "complete"
-    logs = out / record["logs"]
-    driver = [json.loads(line) for line in (logs / "driver.jsonl").read_text().splitlines()]
+    log_dir = out / record["logs"]
+    driver = [json.loads(line) for line in (log_dir / "driver.jsonl").read_text().splitlines()]
     ready = [e for e in driver if e["event"] == "actor_ready"]
     pins = [(e["node_id"], tuple(e["gpu_ids"])) for e in ready]
     assert len(pins) == len(set(pins)) >= 3 and all(len(g) == 1 for _, g in pins)
@@ -144,7 +159,7 @@ def test_three_node_cluster_pins_gpus_survives_node_loss(tmp_path: Path, cluster
     # per-actor structured logs: every committed task is there with its batches
     commits = [
         json.loads(line)
-        for f in logs.glob("actor-*.jsonl")
+        for f in log_dir.glob("actor-*.jsonl")
         for line in f.read_text().splitlines()
         if '"task_commit"' in line
     ]

@@ -22,7 +22,17 @@ except ImportError:  # Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
-DOC = ROOT / "docs" / "running-on-your-cluster.md"
+README = ROOT / "README.md"
+
+
+def cluster_section() -> str:
+    """The README's "Running on your cluster" section, up to the next section."""
+    text = README.read_text()
+    start = text.index("## Running on your cluster")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end > 0 else None]
+
+
 FROM_RE = re.compile(r"^FROM\s+rayproject/ray:(?P<ray>[\w.]+)-py(?P<py>\d+)-gpu\s*$", re.M)
 
 
@@ -298,7 +308,7 @@ def test_launcher_config_is_valid_and_installs_the_pinned_package():
 
 def _doc_commands() -> list[list[str]]:
     """Every catbatch command line in the guide's shell blocks (also after `ray job submit --`)."""
-    blocks = re.findall(r"```(?:bash|sh|console)\n(.*?)```", DOC.read_text(), re.S)
+    blocks = re.findall(r"```(?:bash|sh|console)\n(.*?)```", cluster_section(), re.S)
     out = []
     for block in blocks:
         for line in block.replace("\\\n", " ").splitlines():
@@ -329,7 +339,7 @@ def test_guide_commands_parse_with_the_real_cli():
 
 
 def test_guide_documents_the_ray_job_runtime_env():
-    text = DOC.read_text()
+    text = cluster_section()
     m = re.search(r"--runtime-env-json\s+'([^']+)'", text)
     assert m, "no `ray job submit --runtime-env-json '...'` in the guide"
     env = json.loads(m.group(1))
@@ -339,7 +349,7 @@ def test_guide_documents_the_ray_job_runtime_env():
 
 def test_guide_names_the_exported_metrics_and_log_folder():
     observe = pytest.importorskip("catbatch.observe")
-    text = DOC.read_text()
+    text = cluster_section()
     named = set(re.findall(r"`ray_(catbatch_\w+)`", text))
     # Prometheus names: Ray adds the ray_ prefix, and _total to counters (Ray >= 2.10)
     kinds = {f"catbatch_{name}": kind for name, kind, _ in observe._METRICS}
