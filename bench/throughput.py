@@ -128,6 +128,25 @@ def plain_steady_rate(batches: Sequence[Interval], warmup: int = 1) -> float:
     return sum(b.images for b in rest) / span if span > 0 else float("nan")
 
 
+def outside_share(pipe_s_per_image: float, steady_ips: float, actors: int = 1) -> float:
+    """Share of an actor's (or the loop's) steady time spent outside the pipeline call: PNG
+    encoding, Parquet and commit writes, dispatch gaps. Measured within one run, so a load that
+    slows the pipeline and the rest alike leaves it unchanged."""
+    return 1.0 - pipe_s_per_image * steady_ips / actors
+
+
+def same_run_line(catbatch_outside: float, plain_outside: float) -> str:
+    """catbatch / plain images/s had both run the pipeline at the same speed."""
+    ratio = (1 - catbatch_outside) / (1 - plain_outside)
+    over = overhead_pct(ratio)
+    return (
+        f"same-run estimate (share of steady time outside the pipeline call): catbatch 1 actor "
+        f"{100 * catbatch_outside:.1f} %, plain {100 * plain_outside:.1f} % -> at equal pipeline "
+        f"speed catbatch/plain {ratio:.3f}, overhead {over:.1f} % "
+        f"(target <= {OVERHEAD_TARGET_PCT:g} %: {verdict(over <= OVERHEAD_TARGET_PCT)})"
+    )
+
+
 def first_n_images_s(batches: Sequence[Interval], n: int, launched_at: float) -> float:
     """Seconds from launch until ``n`` images are done (the plain loop's "first shard")."""
     done = 0
@@ -169,6 +188,8 @@ class RunResult:
     wall_s: float = float("nan")
     steady_ips: float = float("nan")
     first_commit_s: float = float("nan")
+    pipe_s_per_image: float = float("nan")  # pipeline call, warm-up batch left out
+    outside: float = float("nan")  # outside_share of the steady state
     driver_s: float | None = None  # catbatch: Summary.seconds (submit() start to end)
     load_before: float = 0.0
     load_after: float = 0.0
@@ -220,6 +241,8 @@ def run_catbatch(work: Path, variant: str, actors: int, repeat: int, num_cpus: i
     res.images = sum(int(s["images_ok"]) for s in stats)
     res.steady_ips = steady_rate(shard_intervals(stats), actors)
     res.first_commit_s = first_commit_s(stats, launched)
+    res.pipe_s_per_image = _pipeline_s_per_image(out)
+    res.outside = outside_share(res.pipe_s_per_image, res.steady_ips, actors)
     record = json.loads((out / "run.json").read_text())
     res.driver_s = record.get("summary", {}).get("seconds")
     info = record.get("pipeline", {}).get("metrics", {})
@@ -228,6 +251,18 @@ def run_catbatch(work: Path, variant: str, actors: int, repeat: int, num_cpus: i
         "clip": info.get("clip", {}).get("available"),
     }
     return res
+
+
+def _pipeline_s_per_image(out: Path) -> float:
+    """Mean ``latency_s`` of the ok rows that are not warm-up (the batch's pipeline call, plus
+    row metrics when on, per image; PNG encoding and writes are not in it)."""
+    import pyarrow.parquet as pq
+
+    vals = []
+    for p in out.glob("variants/*/*.parquet"):
+        t = pq.read_table(p, columns=["latency_s", "warmup", "status"]).to_pylist()
+        vals += [r["latency_s"] for r in t if r["status"] == "ok" and not r["warmup"]]
+    return statistics.fmean(vals) if vals else float("nan")
 
 
 def run_plain(work: Path, repeat: int, shard_size: int) -> RunResult:
@@ -241,9 +276,12 @@ def run_plain(work: Path, repeat: int, shard_size: int) -> RunResult:
     if rc != 0 or not result_file.exists():
         res.error = f"exit {rc}: {_tail(log)}"
         return res
-    batches = [Interval(*b) for b in json.loads(result_file.read_text())["batches"]]
+    child = json.loads(result_file.read_text())
+    batches = [Interval(*b) for b in child["batches"]]
     res.images = sum(b.images for b in batches)
     res.steady_ips = plain_steady_rate(batches)
+    res.pipe_s_per_image = sum(child["pipe_s"][1:]) / sum(b.images for b in batches[1:])
+    res.outside = outside_share(res.pipe_s_per_image, res.steady_ips)
     res.first_commit_s = first_n_images_s(batches, shard_size, launched)
     res.metrics = {"macs": False, "clip": False}
     return res
@@ -266,7 +304,7 @@ def plain_child(manifest_path: str, result_path: str) -> int:
     pipe = load_pipeline(source, m.model.dtype, "cpu")
     extra = pipeline_call_kwargs(pipe)
     prompts = read_prompts(m.prompts, m.base_dir)
-    batches = []
+    batches, pipe_s = [], []
     for b in range(0, len(prompts), m.batch_size):
         batch = prompts[b : b + m.batch_size]
         start = time.time()
@@ -281,10 +319,11 @@ def plain_child(manifest_path: str, result_path: str) -> int:
             output_type="np",
             **extra,
         )
+        pipe_s.append(time.time() - start)
         for img in np.asarray(out.images):
             encode_png((np.clip(img, 0.0, 1.0) * 255).round().astype("uint8"))
         batches.append((start, time.time(), len(batch)))
-    Path(result_path).write_text(json.dumps({"batches": batches}))
+    Path(result_path).write_text(json.dumps({"batches": batches, "pipe_s": pipe_s}))
     return 0
 
 
@@ -293,17 +332,17 @@ def _col(results: list[RunResult], variant: str, attr: str) -> list[float]:
     return [getattr(r, attr) for r in results if r.variant == variant and r.error is None]
 
 
-def report(results: list[RunResult], variants: list[str], cfg: dict[str, Any]) -> str:
+def report(results: list[RunResult], variants: list[str]) -> str:
     lines = [
         "| variant | row metrics (MACs / CLIP) | images | steady images/s, median (min-max) "
-        "| end-to-end s | end-to-end images/s | launch to first committed shard s | load avg "
-        "(1 min) at start |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| end-to-end s | end-to-end images/s | launch to first committed shard s "
+        "| pipeline s per image | outside the pipeline % | load avg (1 min) at start |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for v in variants:
         runs = [r for r in results if r.variant == v and r.error is None]
         if not runs:
-            lines.append(f"| {v} | - | - | failed | - | - | - | - |")
+            lines.append(f"| {v} | - | - | failed | - | - | - | - | - | - |")
             continue
         m = runs[0].metrics
         met = " / ".join("on" if m.get(k) else "off" for k in ("macs", "clip"))
@@ -312,6 +351,8 @@ def report(results: list[RunResult], variants: list[str], cfg: dict[str, Any]) -
             f"| {fmt_spread(_col(results, v, 'wall_s'), 1)} "
             f"| {fmt_spread(_col(results, v, 'wall_ips'))} "
             f"| {fmt_spread(_col(results, v, 'first_commit_s'), 1)} "
+            f"| {fmt_spread(_col(results, v, 'pipe_s_per_image'), 3)} "
+            f"| {fmt_spread([100 * x for x in _col(results, v, 'outside')], 1)} "
             f"| {fmt_spread(_col(results, v, 'load_before'))} |"
         )
     lines.append("")
@@ -340,6 +381,9 @@ def summary_lines(results: list[RunResult], variants: list[str]) -> list[str]:
                 f"{verdict(overhead_pct(med) <= OVERHEAD_TARGET_PCT)}); end-to-end images/s "
                 f"ratio {fmt_spread(wall, 3)}"
             )
+        cb, pl = _col(results, "catbatch-1", "outside"), _col(results, "plain", "outside")
+        if cb and pl:
+            out.append(same_run_line(median_spread(cb)[0], median_spread(pl)[0]))
     if {"catbatch-1", "catbatch-2"} <= set(variants):
         steady = _paired(results, "catbatch-2", "catbatch-1", "steady_ips")
         wall = _paired(results, "catbatch-2", "catbatch-1", "wall_ips")
@@ -411,6 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.prompts, args.repeats, args.size, args.steps = 8, 1, 64, 2
         args.batch_size, args.shard_size = 2, 2
 
+    import catbatch
     from catbatch.models.loader import describe_source
 
     describe_source(args.model)  # builds a preset once, before anything is timed
@@ -423,7 +468,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.model}, {args.size}x{args.size}, {args.steps} steps, {args.prompts} prompts, "
         f"batch {args.batch_size}, shard {args.shard_size}, fp32 CPU, 1 thread per actor / in "
         f"the plain loop; Ray cluster of {args.num_cpus} CPUs; plain loop PNG-encodes its "
-        f"images (no Parquet); {os.cpu_count()} cores; work dir {work}",
+        f"images (no Parquet); {os.cpu_count()} cores; catbatch {catbatch.__version__} from "
+        f"{Path(catbatch.__file__).parent}; work dir {work}",
         flush=True,
     )
     results: list[RunResult] = []
@@ -442,8 +488,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 + (f" ERROR {r.error.splitlines()[0]}" if r.error else ""),
                 flush=True,
             )
+        if rep < args.repeats - 1:  # long runs: a table so far, in case they are stopped
+            print(f"\nafter repeat {rep}:\n{report(results, variants)}\n", flush=True)
     print()
-    print(report(results, variants, cfg))
+    print(report(results, variants))
     if args.json:
         raw = {"config": cfg, "results": [{**asdict(r), "wall_ips": r.wall_ips} for r in results]}
         Path(args.json).write_text(json.dumps(raw, indent=2))

@@ -104,3 +104,14 @@ def test_summary_lines_give_overhead_and_speedup_verdicts():
     text = "\n".join(lines)
     assert "overhead 2.0 % (target <= 5 %: MET)" in text
     assert "1.68x (1.55-1.82) per repeat (target >= 1.7x: MISSED)" in text
+
+
+def test_outside_share_and_same_run_line():
+    # 0.5 s of pipeline per image at 1.6 images/s: 80 % of the time in the pipeline
+    assert tp.outside_share(0.5, 1.6) == pytest.approx(0.2)
+    # two actors at 0.9 images/s each = 1.8 in all, 1 s of pipeline per image each
+    assert tp.outside_share(1.0, 1.8, actors=2) == pytest.approx(0.1)
+    line = tp.same_run_line(0.05, 0.01)
+    assert "catbatch 1 actor 5.0 %, plain 1.0 %" in line
+    assert "catbatch/plain 0.960, overhead 4.0 % (target <= 5 %: MET)" in line
+    assert "MISSED" in tp.same_run_line(0.10, 0.01)
