@@ -4,7 +4,9 @@ Weights come from a local file (the manifest's ``metrics.clip.weights``) or, fai
 the Hugging Face hub cache already on the machine (the open_clip tag's ``hf_hub`` entry). Nothing
 is ever downloaded: without weights the score is skipped and :func:`clip_setup` says why; a
 random-weight model is never used to fill the column. ``model`` is an open_clip model name or
-the path of an open_clip model config (``.json``), registered with ``open_clip.add_model_config``.
+the path of an open_clip model config (``.json``), registered with ``open_clip.add_model_config``,
+or a CLIP that ships with catbatch (:data:`SHIPPED`, e.g. ``catbatch-shapes-clip``, trained on the
+``catbatch-shapes`` domain): its config and weights come from the package, and the tag is ignored.
 """
 
 from __future__ import annotations
@@ -23,6 +25,16 @@ FORMULA = (
     "truncated to the text model's context length (77 tokens for CLIP models)"
 )
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+SHIPPED_DIR = Path(__file__).resolve().parent / "models" / "data"
+SHIPPED = ("catbatch-shapes-clip",)  # in SHIPPED_DIR/<name>/: <name>.json and the weights
+
+
+def shipped_files(model: str) -> tuple[str, str] | None:
+    """``(config, weights)`` of a CLIP shipped with catbatch, or None for any other name."""
+    if model not in SHIPPED:
+        return None
+    folder = SHIPPED_DIR / model
+    return str(folder / f"{model}.json"), str(folder / HF_WEIGHT_FILES[0])
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,9 @@ def clip_setup(
     enabled: bool = True,
 ) -> ClipSetup:
     """Resolve the model name and its local weights; never downloads, never loads the model."""
+    shipped = shipped_files(model)
+    if shipped is not None:
+        model, pretrained, weights = shipped[0], None, weights or shipped[1]
     name = Path(model).stem if model.endswith(".json") else model
     label = f"{name}/{pretrained}" if pretrained else name
     if not enabled:
@@ -90,6 +105,8 @@ def clip_setup(
     if weights:
         ok = os.path.isfile(weights)
         note = "weights from a local file" if ok else f"weights file not found: {weights}"
+        if shipped is not None:
+            note = f"shipped with catbatch ({weights})" if ok else note
         return ClipSetup(
             True, name, pretrained, label, weights if ok else None, ok, note + skip(ok)
         )
@@ -125,6 +142,8 @@ class ClipScorer:
         import open_clip
         from open_clip.pretrained import get_pretrained_cfg
 
+        if setup.model in SHIPPED:  # registered by clip_setup, maybe in another process
+            register_config(shipped_files(setup.model)[0])
         cfg = get_pretrained_cfg(setup.model, setup.pretrained) if setup.pretrained else {}
         self.setup = setup
         self.device = device

@@ -96,7 +96,7 @@ def sample_scene(rng: random.Random, max_shapes: int = 3) -> Scene:
     return Scene(tuple(shapes), rng.choice(tuple(BACKGROUNDS)))
 
 
-def scenes(seed: int, count: int | None = None) -> Iterator[Scene]:
+def scenes(seed: int | str, count: int | None = None) -> Iterator[Scene]:
     """Scenes from one seed; ``count=None`` is unlimited."""
     rng = random.Random(seed)
     made = 0
