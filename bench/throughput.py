@@ -147,6 +147,18 @@ def same_run_line(catbatch_outside: float, plain_outside: float) -> str:
     )
 
 
+def load_note(loads: Sequence[float], cores: int) -> str | None:
+    """A warning when the 1-minute load average exceeded the core count during the runs."""
+    worst = max(loads, default=0.0)
+    if worst <= cores:
+        return None
+    return (
+        f"LOADED MACHINE: load average up to {worst:.1f} on {cores} cores during the runs; "
+        "images/s ratios between variants measure the scheduler as much as catbatch (the "
+        "same-run estimate is the less disturbed overhead figure); rerun on an idle machine"
+    )
+
+
 def first_n_images_s(batches: Sequence[Interval], n: int, launched_at: float) -> float:
     """Seconds from launch until ``n`` images are done (the plain loop's "first shard")."""
     done = 0
@@ -214,9 +226,19 @@ def _child_env() -> dict[str, str]:
 
 
 def _run(cmd: list[str], log: Path) -> tuple[float, float, int]:
+    """Run a variant in a new session: with the kernel's autogroup scheduling a session is one
+    group, and Ray's raylet (whose children are the actors) makes its own; without this the
+    plain loop would share our session's share of a loaded CPU while the actors do not."""
     launched = time.time()
     with log.open("w") as fh:
-        rc = subprocess.call(cmd, cwd=ROOT, env=_child_env(), stdout=fh, stderr=subprocess.STDOUT)
+        rc = subprocess.call(
+            cmd,
+            cwd=ROOT,
+            env=_child_env(),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     return launched, time.time(), rc
 
 
@@ -402,6 +424,11 @@ def summary_lines(results: list[RunResult], variants: list[str]) -> list[str]:
         if v.startswith("catbatch"):
             vals = _col(results, v, "first_commit_s")
             out.append(f"{v}: launch to first committed shard {fmt_spread(vals, 1)} s")
+    note = load_note(
+        [x for r in results for x in (r.load_before, r.load_after)], os.cpu_count() or 1
+    )
+    if note:
+        out.append(note)
     for r in results:
         if r.error:
             out.append(f"FAILED {r.variant} repeat {r.repeat}: {r.error}")

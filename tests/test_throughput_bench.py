@@ -115,3 +115,9 @@ def test_outside_share_and_same_run_line():
     assert "catbatch 1 actor 5.0 %, plain 1.0 %" in line
     assert "catbatch/plain 0.960, overhead 4.0 % (target <= 5 %: MET)" in line
     assert "MISSED" in tp.same_run_line(0.10, 0.01)
+
+
+def test_load_note_only_when_load_exceeds_cores():
+    assert tp.load_note([0.5, 1.9], cores=2) is None
+    note = tp.load_note([1.0, 6.4], cores=2)
+    assert note is not None and "LOADED MACHINE: load average up to 6.4 on 2 cores" in note
