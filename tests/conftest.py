@@ -20,6 +20,14 @@ os.environ.setdefault("CATBATCH_CACHE", str(Path(tempfile.gettempdir()) / "catba
 configure_env()
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (``-n 2 --dist loadgroup``) every test of the one S3 server runs on
+    the same worker: ``weed mini`` holds fixed ports, so only one may run per machine."""
+    for item in items:
+        if "s3_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("s3"))
+
+
 @pytest.fixture(scope="session")
 def tiny_cache() -> Path:
     """Directory where built tiny presets are cached for the session."""

@@ -49,7 +49,7 @@ def cluster(tiny_cache):
     from ray.cluster_utils import Cluster
 
     common = {"object_store_memory": 80 * 1024 * 1024}
-    ports = [_free_port() for _ in range(4)]
+    ports = [_free_port() for _ in range(7)]
     c = Cluster(
         initialize_head=True,
         connect=False,
@@ -61,11 +61,25 @@ def cluster(tiny_cache):
             "include_dashboard": True,  # the job server of `ray job submit`
             "dashboard_host": "127.0.0.1",
             "dashboard_port": ports[3],
+            # not the fixed default 52365: the session's own cluster may hold it
+            "dashboard_agent_listen_port": ports[4],
             "_system_config": {"metrics_report_interval_ms": 1000},
         },
     )
-    a = c.add_node(**common, num_cpus=2, num_gpus=2, metrics_export_port=ports[1])
-    b = c.add_node(**common, num_cpus=1, num_gpus=1, metrics_export_port=ports[2])
+    a = c.add_node(
+        **common,
+        num_cpus=2,
+        num_gpus=2,
+        metrics_export_port=ports[1],
+        dashboard_agent_listen_port=ports[5],
+    )
+    b = c.add_node(
+        **common,
+        num_cpus=1,
+        num_gpus=1,
+        metrics_export_port=ports[2],
+        dashboard_agent_listen_port=ports[6],
+    )
     c.wait_for_nodes()
     yield c, a, b, ports[:3], f"http://127.0.0.1:{ports[3]}"
     c.shutdown()
