@@ -3,8 +3,8 @@
 Every pixel takes the nearest palette colour (shape colours and backgrounds). Connected regions of
 one shape colour (at least ``MIN_AREA`` pixels at 64px) are blobs; each blob has a colour, a
 position (the nearest anchor to its centroid, if within ``MAX_OFFSET``), a size (its bounding
-box side) and a shape (the best intersection-over-union with a circle, square or upward triangle
-fitted to its bounding box). The stated shapes are matched one-to-one to blobs so as to make the
+box side) and a shape (the template of equal area and centroid closest to its soft coverage;
+see :func:`_shape_of`). The stated shapes are matched one-to-one to blobs so as to make the
 most facts hold (Hungarian assignment); an unmatched statement holds no fact.
 
 Facts per stated shape: ``shape``, ``colour``, ``position`` (adherence counts these three) and
@@ -30,6 +30,8 @@ ALL_FACTS = (*ADHERENCE_FACTS, "size")
 MIN_AREA = 10  # pixels at 64px
 MAX_OFFSET = 8.0  # pixels at 64px from the anchor
 SIZE_SPLIT = 13.5  # bounding box side at 64px: small below, large above
+BLUR = 0.7  # pixels (at any size): sigma of the blur before comparing with templates
+MARGIN = 2  # pixels around a shape's box that count towards its coverage (at 64px)
 _PALETTE_NAMES = (*COLOURS, *BACKGROUNDS)
 _PALETTE = np.array([*COLOURS.values(), *BACKGROUNDS.values()], dtype=np.float32)
 _PHRASE_TO_POSITION = {v: k for k, v in PHRASES.items()}
@@ -89,24 +91,50 @@ def _labels(pixels: np.ndarray) -> np.ndarray:
     return ((flat - _PALETTE[None]) ** 2).sum(-1).argmin(-1).reshape(pixels.shape[:2])
 
 
-def _shape_of(mask: np.ndarray) -> str:
-    """Best IoU among a circle, a square and an upward triangle fitted to the mask's box."""
-    h, w = mask.shape
-    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-    u, v = (x + 0.5 - w / 2) / (w / 2), (y + 0.5 - h / 2) / (h / 2)
-    templates = {
-        "circle": u**2 + v**2 <= 1.0,
-        "square": np.ones_like(mask),
-        "triangle": np.abs(u) <= (v + 1) / 2,
+def _template(kind: str, mass: float, cx: float, cy: float, h: int, w: int) -> np.ndarray:
+    """Soft coverage ``(h, w)`` of a shape of area ``mass`` with its centroid at ``(cx, cy)``
+    (pixel units, 4x supersampled)."""
+    k = 4
+    y, x = np.mgrid[0 : h * k, 0 : w * k].astype(np.float32)
+    x, y = (x + 0.5) / k - cx, (y + 0.5) / k - cy
+    if kind == "square":
+        half = np.sqrt(mass) / 2
+        inside = (np.abs(x) <= half) & (np.abs(y) <= half)
+    elif kind == "circle":
+        inside = x**2 + y**2 <= mass / np.pi
+    else:  # upward triangle, base = height = s, centroid 2/3 of the way down
+        side = np.sqrt(2 * mass)
+        v = (y + 2 * side / 3) / side  # 0 at the apex, 1 at the base
+        inside = (v >= 0) & (v <= 1) & (np.abs(x) <= v * side / 2)
+    return inside.reshape(h, k, w, k).mean((1, 3))
+
+
+def _shape_of(alpha: np.ndarray) -> str:
+    """Circle, square or triangle: the template of the same area and centroid closest to the
+    soft coverage ``alpha`` (L1, both blurred a little so that blur in the image matters less).
+    Blur and anti-aliasing move coverage around the edges but keep its sum and centroid."""
+    mass = float(alpha.sum())
+    h, w = alpha.shape
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cx, cy = float((alpha * (xx + 0.5)).sum() / mass), float((alpha * (yy + 0.5)).sum() / mass)
+    soft = ndimage.gaussian_filter(alpha, BLUR)
+    error = {
+        kind: np.abs(
+            ndimage.gaussian_filter(_template(kind, mass, cx, cy, h, w), BLUR) - soft
+        ).sum()
+        for kind in SHAPES
     }
-    iou = {k: (t & mask).sum() / max((t | mask).sum(), 1) for k, t in templates.items()}
-    return max(iou, key=iou.get)
+    return min(error, key=error.get)
 
 
 def find_blobs(pixels: np.ndarray) -> list[Blob]:
     """The shape-coloured connected regions of an RGB image ``(H, W, 3)``."""
     labels = _labels(pixels)
     scale = pixels.shape[0] / BASE
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = np.median(border.astype(np.float32), axis=0)
+    shape_pixels = labels < len(COLOURS)
+    margin = max(1, round(MARGIN * scale))
     blobs = []
     for index, colour in enumerate(COLOURS):
         regions, count = ndimage.label(labels == index)
@@ -122,7 +150,16 @@ def find_blobs(pixels: np.ndarray) -> list[Blob]:
             )
             ax, ay = ANCHORS[nearest]
             position = nearest if (ax - x) ** 2 + (ay - y) ** 2 <= MAX_OFFSET**2 else None
-            blobs.append(Blob(colour, (x, y), side, _shape_of(mask), position))
+            y0, y1 = max(box[0].start - margin, 0), box[0].stop + margin
+            x0, x1 = max(box[1].start - margin, 0), box[1].stop + margin
+            patch = pixels[y0:y1, x0:x1].astype(np.float32)
+            direction = _PALETTE[index] - background
+            alpha = ((patch - background) @ direction) / max(float(direction @ direction), 1.0)
+            alpha = np.clip(alpha, 0, 1)
+            # pixels of other shapes do not count, nor those of this colour in another region
+            other = shape_pixels[y0:y1, x0:x1] & (regions[y0:y1, x0:x1] != region)
+            alpha[other] = 0
+            blobs.append(Blob(colour, (x, y), side, _shape_of(alpha), position))
     return blobs
 
 
