@@ -203,7 +203,7 @@ def submit(
         m, p.model_source, len(p.prompts), len(p.shards), "running", planned=p.planned
     )
     layout.write_json(layout.run_record, record)
-    t0 = time.perf_counter()
+    t0, submitted_at = time.perf_counter(), time.time()
     worker_info: dict[str, Any] = {}
     if p.pending:
         distributor.connect(m.ray.address, num_cpus, m.ray.object_store_mb)
@@ -270,7 +270,7 @@ def submit(
         len(p.shards),
         status,
         worker_info,
-        {**summary.__dict__, "images_per_s": summary.images_per_s},
+        {**summary.__dict__, "images_per_s": summary.images_per_s, "submitted_at": submitted_at},
         planned=p.planned,
     )
     if logs:

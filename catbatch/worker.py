@@ -166,7 +166,7 @@ class Worker:
 
     def run_task(self, task: Task, layout: OutputLayout) -> ShardStats:
         """Generate every image of the task's shard and commit the shard."""
-        start = time.perf_counter()
+        start, started_at = time.perf_counter(), time.time()
         if self.faults:
             self.faults.before_task(task)
         self.batch_splits = []
@@ -198,6 +198,7 @@ class Worker:
             time.perf_counter() - start,
             self.device_name,
             extra,
+            started_at,
         )
         self.event(
             "task_commit",

@@ -156,6 +156,7 @@ class ShardStats:
     device: str
     schema_version: int = SCHEMA_VERSION
     written_at: float = field(default_factory=time.time)
+    started_at: float | None = None  # wall time the task started on its worker
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -181,6 +182,7 @@ def write_shard(
     seconds: float,
     device: str,
     extra: dict[str, Any] | None = None,
+    started_at: float | None = None,
 ) -> ShardStats:
     """Write the shard's Parquet file, then its stats file (the commit marker)."""
     buf = io.BytesIO()
@@ -200,6 +202,7 @@ def write_shard(
         seconds=seconds,
         device=device,
         extra=extra or {},
+        started_at=started_at,
     )
     layout.write_json(layout.shard_stats(variant, shard), asdict(stats))
     return stats
