@@ -22,7 +22,7 @@ demo: install
 test: install
 	$(BIN)/ruff check catbatch tests bench jobs
 	sh scripts/ensure-chromium.sh
-	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=25
+	$(BIN)/pytest -q -n 2 --durations=25
 
 lint: install
 	$(BIN)/ruff check catbatch tests bench jobs

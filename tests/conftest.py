@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from s3server import configure_env, s3_server  # noqa: F401 - session fixture
+from s3server import configure_env, s3_server  # noqa: F401 - fixture
 
 # Nothing in the tests may reach a model hub; Ray's token auth is off for the private cluster.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -18,14 +18,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("CATBATCH_CACHE", str(Path(tempfile.gettempdir()) / "catbatch-test-cache"))
 # S3 clients (here and in Ray actors) talk to the loopback SeaweedFS of `s3_server`.
 configure_env()
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (``-n 2 --dist loadgroup``) every test of the one S3 server runs on
-    the same worker: ``weed mini`` holds fixed ports, so only one may run per machine."""
-    for item in items:
-        if "s3_server" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("s3"))
 
 
 @pytest.fixture(scope="session")

