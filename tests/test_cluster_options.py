@@ -128,3 +128,26 @@ def test_metrics_never_break_a_job() -> None:
     m.inc("images", 2)
     m.set("no_such_metric", 1.0)
     assert m.tags == {"job": "x"}
+
+
+def test_progress_bar_shows_failures_queue_and_eta(tmp_path: Path) -> None:
+    import io
+
+    from tqdm import tqdm
+
+    from catbatch.driver import JobObserver, Summary
+    from catbatch.sharding import Shard, Task
+
+    bar = tqdm(total=16, file=io.StringIO())
+    obs = JobObserver("j", OutputLayout(str(tmp_path)), Summary(), bar, total=16)
+    now = [0.0]
+    obs.rate.clock = lambda: now[0]
+    task = Task("default", Shard(0, ()))
+    stats = {"rows": 4, "images_ok": 3, "images_failed": 1}
+    obs.task_done("actor-0", task, stats, [{"t": 0.0, "event": "task_commit"}])
+    now[0] = 8.0
+    obs.task_done("actor-1", task, stats, [])
+    obs.tick(queued=2, running=1, actors=2)
+    assert bar.postfix == "failed=2 queued=2 eta=0:16"  # 8 images left at 0.5 images/s
+    assert obs.summary.images == 6 and obs.summary.failed_images == 2
+    assert (tmp_path / f"logs/{obs.events.run_id}/actor-0.jsonl").exists()
