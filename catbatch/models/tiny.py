@@ -8,6 +8,12 @@ Presets (same pipeline classes and component layouts as the real models, tiny wi
 - ``tiny-pixart``: PixArtSigmaPipeline (PixArtTransformer2DModel with learned sigma, T5 encoder,
   4-channel VAE, DPMSolverMultistepScheduler).
 
+Trained presets ship with the package as diffusers pipeline folders under ``models/data`` and are
+loaded from there (no cache, no build):
+
+- ``catbatch-shapes``: a StableDiffusion3Pipeline trained on :mod:`catbatch.shapes` scenes
+  (64x64 images of circles, squares and triangles); see ``python -m catbatch.shapes.train``.
+
 Weights depend only on ``(name, seed)``: every component is built under its own seed inside
 ``torch.random.fork_rng``, so the caller's global RNG is left untouched. Bump ``PRESET_VERSION``
 whenever a config or the tokenizers change, so stale caches are not reused.
@@ -49,7 +55,9 @@ from catbatch.models.tokenizers import (
 )
 
 PRESET_VERSION = 2
-PRESETS: tuple[str, ...] = ("tiny-sd3", "tiny-sd35", "tiny-pixart")
+PRESETS: tuple[str, ...] = ("tiny-sd3", "tiny-sd35", "tiny-pixart")  # random weights, built
+SHIPPED_DIR = Path(__file__).resolve().parent / "data"
+SHIPPED_PRESETS: tuple[str, ...] = ("catbatch-shapes",)  # trained, shipped in the package
 CACHE_ENV = "CATBATCH_CACHE"
 DEFAULT_CACHE = Path("~/.cache/catbatch/presets")
 _DIFFUSERS_VERSION = Version(diffusers.__version__)  # 0.42 renamed from_pretrained's torch_dtype
@@ -62,13 +70,24 @@ T5_D_MODEL = 64
 
 
 def is_preset(name: str) -> bool:
-    """Whether ``name`` is one of the built-in tiny presets."""
-    return name in PRESETS
+    """Whether ``name`` is one of the built-in presets (random or shipped)."""
+    return name in PRESETS or name in SHIPPED_PRESETS
+
+
+def shipped_dir(name: str) -> Path:
+    """The folder of a trained preset that ships with the package."""
+    if name not in SHIPPED_PRESETS:
+        raise ValueError(f"{name!r} is not a shipped preset ({', '.join(SHIPPED_PRESETS)})")
+    path = SHIPPED_DIR / name
+    if not _is_saved(path):
+        raise FileNotFoundError(f"shipped preset {name!r} is missing from {path}")
+    return path
 
 
 def _check_preset(name: str) -> None:
     if not is_preset(name):
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        names = ", ".join((*PRESETS, *SHIPPED_PRESETS))
+        raise ValueError(f"unknown preset {name!r}; choose one of {names}")
 
 
 def _seeded(name: str, component: str, seed: int, factory: Callable[[], Any]) -> Any:
@@ -216,8 +235,13 @@ def _build_pixart(name: str, seed: int) -> PixArtSigmaPipeline:
 
 
 def build_tiny_pipeline(name: str, seed: int = 0) -> DiffusionPipeline:
-    """A fresh fp32 CPU pipeline for a preset; the same ``(name, seed)`` gives equal weights."""
+    """A fresh fp32 CPU pipeline for a preset; the same ``(name, seed)`` gives equal weights.
+
+    Shipped (trained) presets are loaded from their folder; ``seed`` does not apply to them.
+    """
     _check_preset(name)
+    if name in SHIPPED_PRESETS:
+        return _from_pretrained(shipped_dir(name), torch.float32)
     if name == "tiny-pixart":
         return _build_pixart(name, seed)
     return _build_sd3(name, seed, sd35=name == "tiny-sd35")
@@ -229,6 +253,8 @@ def preset_dir(name: str, cache_dir: str | Path | None = None, *, seed: int = 0)
     The cache is ``cache_dir``, else ``$CATBATCH_CACHE``, else ``~/.cache/catbatch/presets``.
     """
     _check_preset(name)
+    if name in SHIPPED_PRESETS:
+        return shipped_dir(name)
     root = cache_dir if cache_dir is not None else os.environ.get(CACHE_ENV) or DEFAULT_CACHE
     return Path(root).expanduser() / f"{name}-v{PRESET_VERSION}-seed{seed}"
 
@@ -244,6 +270,8 @@ def ensure_preset_saved(name: str, cache_dir: str | Path | None = None, *, seed:
     directory is complete whenever it exists. When two processes race, the loser's rename fails,
     it deletes its copy and uses the winner's.
     """
+    if name in SHIPPED_PRESETS:
+        return shipped_dir(name)
     path = preset_dir(name, cache_dir, seed=seed)
     if _is_saved(path):
         return path
@@ -269,8 +297,12 @@ def load_tiny_pipeline(
     seed: int = 0,
     torch_dtype: torch.dtype = torch.float32,
 ) -> DiffusionPipeline:
-    """Load a preset from the local cache (building and saving it first if missing), offline."""
-    path = ensure_preset_saved(name, cache_dir, seed=seed)
+    """Load a preset offline: a shipped one from the package, a random one from the local cache
+    (building and saving it first if missing)."""
+    return _from_pretrained(ensure_preset_saved(name, cache_dir, seed=seed), torch_dtype)
+
+
+def _from_pretrained(path: Path, torch_dtype: torch.dtype) -> DiffusionPipeline:
     dtype_key = "dtype" if _DIFFUSERS_VERSION >= Version("0.42") else "torch_dtype"
     kwargs = {dtype_key: torch_dtype}
     return DiffusionPipeline.from_pretrained(path, local_files_only=True, **kwargs)

@@ -50,7 +50,9 @@ from .scenes import caption, render, scenes
 NAME = "catbatch-shapes"
 CLIP_NAME = "catbatch-shapes-clip"
 IMAGE_SIZE = 64
-LATENT_CHANNELS = 4
+LATENT_CHANNELS = 3
+VAE_FACTOR = 2
+PATCH = 4
 TEXT_LENGTH = 32  # CLIP tokens; the longest caption is 30
 ZERO_TOKENS = 256  # the pipeline's default max_sequence_length
 CAPTION_DROPOUT = 0.1
@@ -81,15 +83,25 @@ def log(message: str) -> None:
 
 # -- components ------------------------------------------------------------------------------
 def build_vae() -> AutoencoderKL:
-    return AutoencoderKL(
+    """An ``AutoencoderKL`` (scale factor 2, 3 latent channels) set by hand, not trained.
+
+    Encoder: 2x2 average pooling of the RGB image in [-1, 1] (log-variance -30, so sampling is
+    the mean). Decoder: nearest 2x upsampling smoothed by a [1, 2, 1] x [1, 2, 1] / 16 kernel.
+    Every resnet's second conv is zero (the block is the identity); the output group norms see a
+    group whose channels are ``r, g, b, -(r + g + b), K, -K``: its mean is exactly 0 and its
+    variance ``K^2 / 3`` up to ``O(1 / K^2)``, so norm, SiLU (shifted by ``OFFSET`` into its
+    linear range) and conv pass colours through. A learned VAE did not converge in the minutes a
+    2-core machine has for it; this one is exact and costs nothing.
+    """
+    vae = AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(6, 6),
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
+        norm_num_groups=1,
         sample_size=IMAGE_SIZE,
         use_quant_conv=False,
         use_post_quant_conv=False,
@@ -97,12 +109,49 @@ def build_vae() -> AutoencoderKL:
         scaling_factor=1.0,
         shift_factor=0.0,
     )
+    big, offset = 100.0, 20.0
+    smooth = torch.tensor([1.0, 2.0, 1.0])
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.zero_()
+        for m in vae.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.fill_(1.0)
+
+        def lift(conv: torch.nn.Conv2d) -> None:  # rgb -> r, g, b, -(r+g+b), K, -K
+            for c in range(3):
+                conv.weight[c, c, 1, 1] = 1
+                conv.weight[3, c, 1, 1] = -1
+            conv.bias[4], conv.bias[5] = big, -big
+
+        def out(norm: torch.nn.GroupNorm, conv: torch.nn.Conv2d) -> None:
+            norm.weight.fill_(big / math.sqrt(3))
+            norm.bias.fill_(offset)
+            for c in range(3):
+                conv.weight[c, c, 1, 1] = 1
+                conv.bias[c] = -offset
+
+        enc, dec = vae.encoder, vae.decoder
+        lift(enc.conv_in)
+        for block in enc.down_blocks:
+            for down in block.downsamplers or []:
+                for c in range(6):
+                    down.conv.weight[c, c, :2, :2] = 0.25
+        out(enc.conv_norm_out, enc.conv_out)
+        enc.conv_out.bias[LATENT_CHANNELS:] = -30.0  # log-variance
+        lift(dec.conv_in)
+        for block in dec.up_blocks:
+            for up in block.upsamplers or []:
+                for c in range(6):
+                    up.conv.weight[c, c] = torch.outer(smooth, smooth) / 16
+        out(dec.conv_norm_out, dec.conv_out)
+    return vae.eval()
 
 
 def build_transformer() -> SD3Transformer2DModel:
     return SD3Transformer2DModel(
-        sample_size=IMAGE_SIZE // 4,
-        patch_size=2,
+        sample_size=IMAGE_SIZE // VAE_FACTOR,
+        patch_size=PATCH,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         num_layers=4,
@@ -111,7 +160,7 @@ def build_transformer() -> SD3Transformer2DModel:
         joint_attention_dim=2 * tiny.CLIP_HIDDEN,
         caption_projection_dim=128,
         pooled_projection_dim=2 * tiny.CLIP_HIDDEN,
-        pos_embed_max_size=16,  # up to 128px
+        pos_embed_max_size=16,  # patches per side: up to 128px
     )
 
 
@@ -198,41 +247,26 @@ def encode_text(pipe: StableDiffusion3Pipeline, captions: list[str]) -> tuple[to
 
 
 # -- stages -----------------------------------------------------------------------------------
-def train_vae(pipe: StableDiffusion3Pipeline, seed: int, steps: int, batch: int) -> list[dict]:
-    vae = pipe.vae.train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    data, curve, acc, start = batches(f"train-{seed}-vae", batch), [], [], time.perf_counter()
-    for step in range(1, steps + 1):
-        images, _ = next(data)
-        x = images * 2 - 1
-        z = vae.encode(x).latent_dist.mode()  # deterministic: sampling blurs a short run
-        recon = vae.decode(z).sample
-        mse = F.mse_loss(recon, x)
-        loss = mse + F.l1_loss(recon, x) + 1e-4 * z.pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        acc.append(mse.item())
-        if step % 25 == 0 or step == steps:
-            point = {"step": step, "mse": float(np.mean(acc)), "s": time.perf_counter() - start}
-            curve.append(point)
-            log(f"vae step {step}/{steps} recon mse {point['mse']:.5f} ({point['s']:.0f} s)")
-            acc = []
-    vae.eval().requires_grad_(False)
-    with torch.no_grad():  # latent statistics: the pipeline's shift and scaling factors
+def set_latent_stats(pipe: StableDiffusion3Pipeline, seed: int) -> None:
+    """The pipeline's shift and scaling factors from the latents of 512 training images."""
+    vae = pipe.vae
+    with torch.no_grad():
         images, _ = next(batches(f"train-{seed}-stats", 512))
         z = vae.encode(images * 2 - 1).latent_dist.mode()
     vae.register_to_config(
         shift_factor=round(z.mean().item(), 4), scaling_factor=round(1 / z.std().item(), 4)
     )
     log(f"vae latents: shift {vae.config.shift_factor} scaling {vae.config.scaling_factor}")
-    return curve
 
 
 def train_transformer(
-    pipe: StableDiffusion3Pipeline, seed: int, steps: int, batch: int, lr: float, out: Path
+    pipe: StableDiffusion3Pipeline,
+    seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    out: Path,
+    stream: str = "flow",
 ) -> tuple[list[dict], SD3Transformer2DModel]:
     model = pipe.transformer.train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -242,8 +276,9 @@ def train_transformer(
     vae, rng = pipe.vae, torch.Generator().manual_seed(seed)
     pyrng = random.Random(f"dropout-{seed}")
     empty = encode_text(pipe, [""])
-    data, curve, acc, start = batches(f"train-{seed}-flow", batch), [], [], time.perf_counter()
-    tokens = (IMAGE_SIZE // 8) ** 2 + TEXT_LENGTH + 1
+    data, curve, acc = batches(f"train-{seed}-{stream}", batch), [], []
+    start = time.perf_counter()
+    tokens = (IMAGE_SIZE // VAE_FACTOR // PATCH) ** 2 + TEXT_LENGTH + 1
     with zero_token_bias(tokens):
         for step in range(1, steps + 1):
             images, captions = next(data)
@@ -284,7 +319,8 @@ def train_transformer(
                 log(f"flow step {step}/{steps} loss {point['loss']:.4f} ({point['s']:.0f} s)")
                 acc = []
             if step % 100 == 0 or step == steps:
-                save_pipeline(pipe, ema, out / NAME, {"flow_curve": curve, "flow_steps_done": step})
+                record = {"flow_curve": curve, "flow_steps_done": step, "seed": seed}
+                save_pipeline(pipe, ema, out / NAME, record)
     return curve, ema
 
 
@@ -372,12 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--stage", choices=("all", "pipeline", "clip"), default="all")
-    parser.add_argument("--vae-steps", type=int, default=300)
     parser.add_argument("--flow-steps", type=int, default=1200)
     parser.add_argument("--clip-steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=6e-4)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--init", type=Path, help="continue training this saved pipeline (fresh data stream)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -385,19 +423,27 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     if args.stage in ("all", "pipeline"):
         pipe = build_pipeline(args.seed)
+        stream, before = "flow", 0
+        if args.init:  # continue from a saved pipeline: its VAE, text encoders and transformer
+            from diffusers import DiffusionPipeline
+
+            saved = DiffusionPipeline.from_pretrained(args.init, dtype=torch.float32)
+            pipe = StableDiffusion3Pipeline(**saved.components)
+            before = json.loads((args.init / "training.json").read_text())["flow_steps_done"]
+            stream = f"flow-after-{before}"
         pipe.text_encoder.requires_grad_(False)
         pipe.text_encoder_2.requires_grad_(False)
-        vae_curve = train_vae(pipe, args.seed, args.vae_steps, 16)
-        save_pipeline(pipe, pipe.transformer, args.out / NAME, {"vae_curve": vae_curve})
+        if not args.init:
+            set_latent_stats(pipe, args.seed)
         settings = {k: str(v) for k, v in vars(args).items()}
         flow_curve, ema = train_transformer(
-            pipe, args.seed, args.flow_steps, args.batch, args.lr, args.out
+            pipe, args.seed, args.flow_steps, args.batch, args.lr, args.out, stream
         )
         record = {
             "settings": settings,
-            "vae_curve": vae_curve,
             "flow_curve": flow_curve,
-            "flow_steps_done": args.flow_steps,
+            "flow_steps_done": before + args.flow_steps,
+            "continued_from": str(args.init) if args.init else None,
             "minutes": (time.perf_counter() - start) / 60,
         }
         save_pipeline(pipe, ema, args.out / NAME, record)
