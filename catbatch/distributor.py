@@ -404,6 +404,7 @@ def run_pool(
         submit(actor)
     for actor in [*starting.values(), *ready]:
         ray.kill(actor.handle, no_restart=True)
+    result.stopped = result.stopped or stopping()  # (a stop between two tasks ends the loop)
     if not result.stopped:  # every actor start failed (max_starts): say so, do not drop them
         for task in queue:
             result.failed[task.key] = f"no actor could run it ({started} actor starts failed)"
