@@ -199,8 +199,10 @@ def submit(
     With a ``lease``, a lease lost to another submission stops the run (no new shards)."""
     m, layout = p.manifest, p.layout
     summary = Summary(output=layout.display(), skipped_tasks=p.counts()["tasks"] - len(p.pending))
+    events = EventLog(layout)
+    logs = events.folder if p.pending else None
     record = run_record(
-        m, p.model_source, len(p.prompts), len(p.shards), "running", planned=p.planned
+        m, p.model_source, len(p.prompts), len(p.shards), "running", planned=p.planned, logs=logs
     )
     layout.write_json(layout.run_record, record)
     t0, submitted_at = time.perf_counter(), time.time()
@@ -210,7 +212,7 @@ def submit(
         n, cpus, gpus = distributor.plan_actors(m, len(p.pending))
         total = sum(p.images_per_task[t.key] for t in p.pending)
         bar = tqdm(total=total, unit="img", disable=not progress, desc=m.name, smoothing=0.1)
-        observer = JobObserver(m.name, layout, summary, bar, total)
+        observer = JobObserver(m.name, events, summary, bar, total)
         observer.events.note(
             "driver",
             "run_start",
@@ -222,8 +224,6 @@ def submit(
             gpus_per_actor=gpus,
             cluster=ray.cluster_resources(),
         )
-        record["logs"] = observer.events.folder
-        layout.write_json(layout.run_record, record)
         try:
             with stop_on_sigterm() as stop:
                 result = distributor.run_pool(
@@ -262,7 +262,6 @@ def submit(
     done = summary.unfinished_tasks == 0 and not summary.failed_tasks
     status = "complete" if done else "incomplete"
     status = "interrupted" if summary.stopped else status
-    logs = record.get("logs")
     record = run_record(
         m,
         p.model_source,
@@ -272,9 +271,8 @@ def submit(
         worker_info,
         {**summary.__dict__, "images_per_s": summary.images_per_s, "submitted_at": submitted_at},
         planned=p.planned,
+        logs=logs,
     )
-    if logs:
-        record["logs"] = logs
     layout.write_json(layout.run_record, record)
     return summary
 
@@ -283,11 +281,11 @@ class JobObserver(distributor.PoolObserver):
     """Turns what the actor pool reports into the progress bar (with ETA), Ray metrics and the
     run's JSON-lines logs (``logs/<run id>/driver.jsonl`` and one file per actor)."""
 
-    def __init__(self, job: str, layout: OutputLayout, summary: Summary, bar: tqdm, total: int):
+    def __init__(self, job: str, events: EventLog, summary: Summary, bar: tqdm, total: int):
         self.summary, self.bar = summary, bar
         self.rate = Throughput(total)
         self.metrics = JobMetrics(job)
-        self.events = EventLog(layout)
+        self.events = events
         self.failed_tasks = 0
 
     def actor_ready(self, name: str, info: dict) -> None:

@@ -72,6 +72,7 @@ def run_record(
     worker_info: dict | None = None,
     summary: dict | None = None,
     planned: dict[str, dict[str, int]] | None = None,
+    logs: str | None = None,
 ) -> dict[str, Any]:
     """The run record; ``planned`` maps each variant to its pieces and their image counts."""
     return {
@@ -87,6 +88,7 @@ def run_record(
         "prompts": n_prompts,
         "shards": n_shards,
         "planned_shards": planned or {},
+        **({"logs": logs} if logs else {}),
         "images_per_prompt": manifest.images_per_prompt,
         "status": status,
         "summary": summary or {},

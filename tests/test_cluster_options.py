@@ -139,7 +139,7 @@ def test_progress_bar_shows_failures_queue_and_eta(tmp_path: Path) -> None:
     from catbatch.sharding import Shard, Task
 
     bar = tqdm(total=16, file=io.StringIO())
-    obs = JobObserver("j", OutputLayout(str(tmp_path)), Summary(), bar, total=16)
+    obs = JobObserver("j", EventLog(OutputLayout(str(tmp_path))), Summary(), bar, total=16)
     now = [0.0]
     obs.rate.clock = lambda: now[0]
     task = Task("default", Shard(0, ()))
