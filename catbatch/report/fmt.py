@@ -87,3 +87,50 @@ def pruning_label(pruning: dict[str, Any] | None) -> str:
         return "none"
     label = f"{pruning.get('strategy', pruning.get('method', 'cat'))} α={pruning.get('alpha')}"
     return label
+
+
+def details(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The header and rows of the per-variant detail table (counts, MACs, stage times, cost)."""
+    header = [
+        "Variant",
+        "Images",
+        "Failures",
+        "Shards",
+        "MACs total",
+        "MACs incl. attention (mean)",
+        "Latency mean (s)",
+        "Stages text/denoise/VAE/score (s)",
+        "img/s (shard time)",
+        "GPU-s / image",
+        "Cost / image (USD)",
+        "Pairs",
+    ]
+    rows = []
+    for name in data["variants_order"]:
+        v = data["variants"][name]
+        planned = v.get("shards_planned")
+        stages = v["stage_s"]
+        fid = v.get("fidelity") or {}
+        rows.append(
+            [
+                name,
+                str(v["images"]),
+                str(v["failures"]),
+                f"{v['shards_committed']}/{planned if planned is not None else '?'}",
+                _sci(v["macs"]["paper"] and v["macs"]["paper"]["total"]),
+                _sci(v["macs"]["all"] and v["macs"]["all"]["mean"]),
+                num(v["latency_s"]["mean"], 4),
+                "/".join(num(stages.get(s), 3) for s in ("text", "denoise", "vae", "score"))
+                if stages
+                else DASH,
+                num(v["images_per_s"]["from_shard_seconds"], 3),
+                num(v["gpu_seconds"]["per_image"], 4),
+                num(v["cost_usd"]["per_image"], 6),
+                str(fid.get("pairs", DASH)),
+            ]
+        )
+    return header, rows
+
+
+def _sci(value: float | None) -> str:
+    return DASH if not value else f"{value:.4g}"

@@ -12,7 +12,7 @@ from html import escape
 from typing import Any
 
 from catbatch.report.aggregate import Report
-from catbatch.report.fmt import DASH, num, table2
+from catbatch.report.fmt import details, table2
 from catbatch.report.plots import clip_macs_plot, latency_plot, speedup_plot
 
 CSS = """
@@ -80,35 +80,7 @@ def _table(header: list[str], rows: list[list[str]], table_id: str) -> str:
 
 
 def _details(data: dict[str, Any]) -> str:
-    header = [
-        "Variant",
-        "Images",
-        "Failures",
-        "Shards",
-        "Latency mean (s)",
-        "img/s (shard time)",
-        "GPU-s / image",
-        "Cost / image (USD)",
-        "Pairs",
-    ]
-    rows = []
-    for name in data["variants_order"]:
-        v = data["variants"][name]
-        planned = v.get("shards_planned")
-        rows.append(
-            [
-                name,
-                str(v["images"]),
-                str(v["failures"]),
-                f"{v['shards_committed']}/{planned if planned is not None else '?'}",
-                num(v["latency_s"]["mean"], 4),
-                num(v["images_per_s"]["from_shard_seconds"], 3),
-                num(v["gpu_seconds"]["per_image"], 4),
-                num(v["cost_usd"]["per_image"], 6),
-                str((v.get("fidelity") or {}).get("pairs", DASH)),
-            ]
-        )
-    return _table(header, rows, "details")
+    return _table(*details(data), "details")
 
 
 def _grid(report: Report) -> str:

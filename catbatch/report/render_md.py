@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from catbatch.report.fmt import DASH, num, table2
+from catbatch.report.fmt import details, table2
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -27,49 +27,7 @@ def _status_lines(data: dict[str, Any]) -> list[str]:
 
 
 def _details(data: dict[str, Any]) -> str:
-    header = [
-        "Variant",
-        "Images",
-        "Failures",
-        "Shards",
-        "MACs total",
-        "MACs incl. attention (mean)",
-        "Latency mean (s)",
-        "Stages text/denoise/VAE/score (s)",
-        "img/s (shard time)",
-        "GPU-s / image",
-        "Cost / image (USD)",
-        "Pairs",
-    ]
-    rows = []
-    for name in data["variants_order"]:
-        v = data["variants"][name]
-        planned = v.get("shards_planned")
-        stages = v["stage_s"]
-        fid = v.get("fidelity") or {}
-        rows.append(
-            [
-                name,
-                str(v["images"]),
-                str(v["failures"]),
-                f"{v['shards_committed']}/{planned if planned is not None else '?'}",
-                _sci(v["macs"]["paper"] and v["macs"]["paper"]["total"]),
-                _sci(v["macs"]["all"] and v["macs"]["all"]["mean"]),
-                num(v["latency_s"]["mean"], 4),
-                "/".join(num(stages.get(s), 3) for s in ("text", "denoise", "vae", "score"))
-                if stages
-                else DASH,
-                num(v["images_per_s"]["from_shard_seconds"], 3),
-                num(v["gpu_seconds"]["per_image"], 4),
-                num(v["cost_usd"]["per_image"], 6),
-                str(fid.get("pairs", DASH)),
-            ]
-        )
-    return md_table(header, rows)
-
-
-def _sci(value: float | None) -> str:
-    return DASH if not value else f"{value:.4g}"
+    return md_table(*details(data))
 
 
 def render_markdown(data: dict[str, Any]) -> str:
