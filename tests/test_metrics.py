@@ -9,49 +9,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
+from sd3_tiny import TINY_SD3, analytic_sd3_macs, tiny_sd3_model
 
 from catbatch import metrics
 from catbatch.driver import plan
 from catbatch.manifest import load_manifest
 from catbatch.pruning import CATConfig
 from catbatch.worker import Worker
-
-TINY = dict(
-    sample_size=16,
-    patch_size=2,
-    in_channels=16,
-    out_channels=16,
-    num_layers=3,
-    attention_head_dim=8,
-    num_attention_heads=4,
-    joint_attention_dim=24,
-    caption_projection_dim=32,
-    pooled_projection_dim=20,
-)
-
-
-def sd3_step_macs(cfg: dict, n: int, k: int, text: int) -> tuple[int, int]:
-    """Analytic ``(paper, attention)`` MACs of one SD3 step for ONE batch row, k of n tokens.
-
-    Per block: AdaLN-Zero modulation (6d^2 image, 6d^2 text; the last block's text norm is a
-    continuous AdaLN, 2d^2), image q/k/v/out (4d^2 per computed token), image FF (8d^2),
-    text q/k/v (3d^2 per text token) and, except in the last block, text out + FF (9d^2).
-    Outside the blocks: timestep MLP (256d + d^2), pooled MLP (pd + d^2), context embedder,
-    output AdaLN (2d^2), proj_out on computed tokens and the patch-embedding conv on all tokens.
-    """
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    p, layers = cfg["patch_size"], cfg["num_layers"]
-    macs = 256 * d + d * d + cfg["pooled_projection_dim"] * d + d * d
-    macs += text * cfg["joint_attention_dim"] * d
-    attention = 0
-    for i in range(layers):
-        last = i == layers - 1
-        macs += 6 * d * d + (2 if last else 6) * d * d
-        macs += 12 * k * d * d + 3 * text * d * d + (0 if last else 9 * text * d * d)
-        attention += 2 * (k + text) * (n + text) * d
-    macs += 2 * d * d + k * d * p * p * cfg["out_channels"]
-    macs += n * cfg["in_channels"] * p * p * d
-    return macs, attention
 
 
 def run_bare_generation(model, counter, batch: int, steps: int, text: int, cfg: bool = True):
@@ -63,10 +27,15 @@ def run_bare_generation(model, counter, batch: int, steps: int, text: int, cfg: 
             model(x, ehs, pooled, t.expand(rows))
 
 
+def sd3_step_macs(cfg: dict, n: int, k: int, text: int) -> tuple[int, int]:
+    """Analytic ``(paper, attention)`` MACs of one SD3 step for ONE batch row, k of n tokens."""
+    macs = analytic_sd3_macs(cfg, 1, n, k, text)
+    return macs["paper"], macs["attention"]
+
+
 @pytest.fixture(scope="module")
 def tiny_sd3():
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(**TINY).eval()
+    return tiny_sd3_model()
 
 
 @pytest.mark.parametrize("alpha", [None, 0.3, 0.75])
@@ -79,8 +48,8 @@ def test_counted_macs_equal_the_analytic_count(tiny_sd3, alpha):
     macs = counter.per_image(2, pruning)
     full_steps, pruned_steps = metrics.schedule(steps, pruning)
     k = n if pruning is None else pruning.num_selected(n)
-    paper_full, attn_full = sd3_step_macs(TINY, n, n, text)
-    paper_pruned, attn_pruned = sd3_step_macs(TINY, n, k, text)
+    paper_full, attn_full = sd3_step_macs(TINY_SD3, n, n, text)
+    paper_pruned, attn_pruned = sd3_step_macs(TINY_SD3, n, k, text)
     cfg_rows = 2
     expected_paper = cfg_rows * (full_steps * paper_full + pruned_steps * paper_pruned)
     expected_attn = cfg_rows * (full_steps * attn_full + pruned_steps * attn_pruned)

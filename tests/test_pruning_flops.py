@@ -5,57 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
+from sd3_tiny import TINY_SD3, analytic_sd3_macs, tiny_sd3_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from catbatch.pruning import count_step_macs, pruned_forward
 
-TINY = dict(
-    sample_size=16,
-    patch_size=2,
-    in_channels=16,
-    num_layers=3,
-    attention_head_dim=8,
-    num_attention_heads=4,
-    joint_attention_dim=24,
-    caption_projection_dim=32,
-    pooled_projection_dim=20,
-    out_channels=16,
-)
 ROWS, TEXT, LATENT = 2, 7, 16  # 16x16 latent, patch 2: 64 image tokens
-
-
-def analytic_sd3_macs(cfg: dict, rows: int, n: int, k: int, text: int) -> dict[str, int]:
-    """MACs of one step of SD3Transformer2DModel computing k of n image tokens per row.
-
-    Image-stream linear layers see k rows, the text stream all ``text`` tokens; attention has
-    k + text queries over n + text keys (cached image keys included).
-    """
-    d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
-    p, layers = cfg["patch_size"], cfg["num_layers"]
-    per_row = 256 * d + d * d + cfg["pooled_projection_dim"] * d + d * d  # time + pooled text
-    per_row += text * cfg["joint_attention_dim"] * d  # context_embedder
-    attention = 0
-    for i in range(layers):
-        last = i == layers - 1  # context_pre_only: no text output projection, no text FF
-        per_row += 6 * d * d + (2 if last else 6) * d * d  # AdaLN modulation, image / text
-        per_row += 4 * k * d * d + 8 * k * d * d  # image q, k, v, out; feed-forward (4x)
-        per_row += 3 * text * d * d + (0 if last else text * d * d + 8 * text * d * d)
-        attention += 2 * (k + text) * (n + text) * d  # QK^T and PV over all heads
-    per_row += 2 * d * d + k * d * p * p * cfg["out_channels"]  # norm_out, proj_out
-    conv = n * cfg["in_channels"] * p * p * d
-    return {
-        "linear": rows * per_row,
-        "conv": rows * conv,
-        "attention": rows * attention,
-        "paper": rows * (per_row + conv),
-    }
 
 
 @pytest.fixture(scope="module")
 def tiny_sd3():
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(**TINY).eval()
+    model = tiny_sd3_model()
     inputs = (
         torch.randn(ROWS, 16, LATENT, LATENT),
         torch.full((ROWS,), 700.0),
@@ -71,7 +32,7 @@ def test_counter_matches_analytic_count(tiny_sd3, k):
     n = (LATENT // 2) ** 2
     idx = None if k == n else torch.stack([torch.randperm(n)[:k] for _ in range(ROWS)])
     macs = count_step_macs(model, *inputs, idx=idx)
-    expected = analytic_sd3_macs(TINY, ROWS, n, k, TEXT)
+    expected = analytic_sd3_macs(TINY_SD3, ROWS, n, k, TEXT)
     for key, value in expected.items():
         assert macs[key] == value, key
     assert macs["total"] == macs["paper"] + macs["attention"]
