@@ -30,3 +30,22 @@ def test_fidelity_benchmark_smoke_prints_one_row_per_strategy(capsys):
     for strategy in STRATEGIES:
         assert any(line.startswith(f"| {strategy} |") for line in out.splitlines()), strategy
     assert "NOT image quality" in out
+
+
+def test_shapes_table_counts_unstated_shapes_per_caption():
+    from catbatch.shapes.checker import check, summary
+    from catbatch.shapes.scenes import caption, render, scenes
+
+    scene = next(s for s in scenes("table", 50) if len(s.shapes) == 3)
+    image, one_shape = render(scene), caption(scene).split(", ")[0]
+    row = {"clip": 30.0, "psnr": [40.0, 42.0], "ssim": [0.9, 1.0], "seconds": 1.0}
+    full, partial = summary([check(image, caption(scene))]), summary([check(image, one_shape)])
+    rows = [
+        row | {"name": "unpruned", "alpha": "-", "adherence": full},
+        row | {"name": "cat", "alpha": 0.3, "adherence": partial},
+    ]
+    lines = engine_fidelity.shapes_table(rows).splitlines()
+    assert "extra / caption" in lines[0]
+    unpruned, cat = lines[2].split(" | "), lines[3].split(" | ")
+    assert unpruned[2] == "100.0" and unpruned[6] == "0.00" and unpruned[8] == "-"
+    assert cat[2] == "33.3" and cat[6] == "2.00" and cat[8:10] == ["41.00", "0.9500"]

@@ -7,8 +7,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from catbatch.shapes.checker import check, parse_caption, summary
-from catbatch.shapes.scenes import COLOURS, SHAPES, caption, dataset, render, scenes
+from catbatch.shapes.checker import ADHERENCE_FACTS, check, parse_caption, summary
+from catbatch.shapes.scenes import BACKGROUNDS, COLOURS, SHAPES, caption, dataset, render, scenes
 
 
 def test_generator_is_deterministic_and_seeded():
@@ -36,7 +36,9 @@ def test_scenes_are_varied_and_captions_state_every_shape():
 def test_checker_accepts_true_captions(size):
     items = list(scenes(11, 150))
     reports = [check(render(s, size), caption(s)) for s in items]
-    assert summary(reports) == dict.fromkeys(summary(reports), 1.0)
+    rates = summary(reports)
+    assert rates.pop("extra") == 0
+    assert rates == dict.fromkeys(rates, 1.0)
 
 
 def _swap(value, options):
@@ -70,3 +72,24 @@ def test_checker_on_a_blank_image_holds_nothing():
     blank = np.full((64, 64, 3), 240, np.uint8)
     report = check(blank, caption(s))
     assert report.held() == (0, 3 * len(s.shapes))
+
+
+def test_unstated_shapes_count_against_adherence():
+    s = next(x for x in scenes(13, 100) if len(x.shapes) == 3)
+    image = render(s)
+    stated = dataclasses.replace(s, shapes=s.shapes[:1])  # the caption names one of three
+    report = check(image, caption(stated))
+    assert report.extra == 2 and all(report.facts[0][k] for k in ADHERENCE_FACTS)
+    assert report.held() == (3, 9)  # 3 facts hold, 2 unstated shapes fail 3 facts each
+
+
+def test_clutter_of_palette_colours_scores_low():
+    """Scattered blocks of every palette colour contain, somewhere, a blob of the right colour
+    near each stated position: the extra blobs must make that worth nothing."""
+    rng = np.random.default_rng(0)
+    palette = np.array([*COLOURS.values(), *BACKGROUNDS.values()], np.uint8)
+    captions = [caption(s) for s in scenes("clutter", 100)]
+    blocks = palette[rng.integers(0, len(palette), (100, 8, 8))].repeat(8, 1).repeat(8, 2)
+    assert (
+        summary([check(im, c) for im, c in zip(blocks, captions, strict=True)])["adherence"] < 0.1
+    )

@@ -11,12 +11,15 @@ from diffusers import SD3Transformer2DModel
 from catbatch.clipscore import ClipScorer, clip_setup
 from catbatch.models import loader, tiny
 from catbatch.pruning import CATConfig, apply_cat, remove_cat
-from catbatch.shapes.checker import adherence, check
+from catbatch.shapes.checker import check, summary
 from catbatch.shapes.evaluate import generate, heldout_captions
 from catbatch.shapes.scenes import dataset
 from catbatch.shapes.train import ZERO_TOKENS, zero_t5, zero_token_bias
 
-ADHERENCE_FLOOR = 0.2  # a regression guard: the shipped model measured 0.27 here
+# Regression guards for the shipped preview (it does not yet draw clean scenes): with unstated
+# shapes counted, it measured adherence 0.095 and the right background in 5 of 6 captions here.
+ADHERENCE_FLOOR = 0.05
+BACKGROUND_FLOOR = 0.5  # chance is 1/3
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +47,9 @@ def test_shipped_pipeline_generates_images_that_follow_the_captions(shapes_pipe)
     captions = heldout_captions(6)
     images = generate(shapes_pipe, captions, steps=14)
     assert images.shape == (6, 64, 64, 3) and images.std() > 10
-    score = adherence(check(im, c) for im, c in zip(images, captions, strict=True))
-    assert score >= ADHERENCE_FLOOR, score
+    rates = summary([check(im, c) for im, c in zip(images, captions, strict=True)])
+    assert rates["adherence"] >= ADHERENCE_FLOOR, rates
+    assert rates["background"] >= BACKGROUND_FLOOR, rates
 
     state = apply_cat(shapes_pipe, CATConfig(alpha=0.3))
     try:

@@ -5,7 +5,10 @@ one shape colour (at least ``MIN_AREA`` pixels at 64px) are blobs; each blob has
 position (the nearest anchor to its centroid, if within ``MAX_OFFSET``), a size (its bounding
 box side) and a shape (the template of equal area and centroid closest to its soft coverage;
 see :func:`_shape_of`). The stated shapes are matched one-to-one to blobs so as to make the
-most facts hold (Hungarian assignment); an unmatched statement holds no fact.
+most facts hold (Hungarian assignment); an unmatched statement holds no fact. A blob left
+unmatched is a shape the caption does not state: it counts as one more object whose facts all
+fail, so clutter cannot buy adherence (without this, 8x8 blocks of random palette colours met
+61 % of the stated facts of held-out captions; with it, under 10 %).
 
 Facts per stated shape: ``shape``, ``colour``, ``position`` (adherence counts these three) and
 ``size``; per caption: ``background`` (the majority colour of the border). Size and background are
@@ -61,18 +64,21 @@ class Blob:
 
 @dataclass
 class Report:
-    """Per stated shape, which facts hold; ``background`` is None when the caption has none."""
+    """Per stated shape, which facts hold; ``background`` is None when the caption has none;
+    ``extra``: blobs matched to no statement (shapes the caption does not state)."""
 
     statements: list[Statement]
     facts: list[dict[str, bool]]
     background: bool | None
     blobs: list[Blob] = field(default_factory=list)
+    extra: int = 0
 
     def held(self, kinds: Iterable[str] = ADHERENCE_FACTS) -> tuple[int, int]:
-        """(facts that hold, facts stated) over ``kinds``."""
+        """(facts that hold, facts counted) over ``kinds``: the stated shapes' facts, and as
+        many failed ones for each extra blob."""
         kinds = tuple(kinds)
         good = sum(f[k] for f in self.facts for k in kinds)
-        return good, len(self.facts) * len(kinds)
+        return good, (len(self.facts) + self.extra) * len(kinds)
 
 
 def parse_caption(text: str) -> tuple[list[Statement], str | None]:
@@ -114,6 +120,8 @@ def _shape_of(alpha: np.ndarray) -> str:
     soft coverage ``alpha`` (L1, both blurred a little so that blur in the image matters less).
     Blur and anti-aliasing move coverage around the edges but keep its sum and centroid."""
     mass = float(alpha.sum())
+    if mass <= 0:  # nothing of this colour stands out from the background here
+        return "unknown"
     h, w = alpha.shape
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     cx, cy = float((alpha * (xx + 0.5)).sum() / mass), float((alpha * (yy + 0.5)).sum() / mass)
@@ -197,12 +205,13 @@ def check(image: Image.Image | np.ndarray, text: str) -> Report:
         )
         for i, j in zip(*linear_sum_assignment(cost), strict=True):
             facts[i] = table[i][j]
+    extra = max(0, len(blobs) - len(statements))
     bg = None
     if background is not None:
         border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
         counts = np.bincount(_labels(border[None]).ravel(), minlength=len(_PALETTE))
         bg = _PALETTE_NAMES[int(counts.argmax())] == background
-    return Report(statements, facts, bg, blobs)
+    return Report(statements, facts, bg, blobs, extra)
 
 
 def adherence(reports: Iterable[Report], kinds: Iterable[str] = ADHERENCE_FACTS) -> float:
@@ -216,10 +225,12 @@ def adherence(reports: Iterable[Report], kinds: Iterable[str] = ADHERENCE_FACTS)
 
 
 def summary(reports: list[Report]) -> dict[str, float]:
-    """Adherence (shape+colour+position) and the rate of each fact kind and of backgrounds."""
+    """Adherence (shape+colour+position), the rate of each fact kind and of backgrounds, and
+    ``extra``: unstated shapes per caption."""
     out = {"adherence": adherence(reports)}
     for kind in ALL_FACTS:
         out[kind] = adherence(reports, (kind,))
     bgs = [r.background for r in reports if r.background is not None]
     out["background"] = sum(bgs) / len(bgs) if bgs else float("nan")
+    out["extra"] = sum(r.extra for r in reports) / len(reports) if reports else float("nan")
     return out
