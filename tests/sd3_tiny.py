@@ -1,4 +1,4 @@
-"""A tiny SD3 transformer for tests, and the analytic MACs of one of its steps."""
+"""Tiny SD3 transformers for tests, and the analytic MACs of one step."""
 
 from __future__ import annotations
 
@@ -17,11 +17,23 @@ TINY_SD3 = dict(
     caption_projection_dim=32,
     pooled_projection_dim=20,
 )
+SMALL_SD3 = dict(  # 8x8 latent, patch 2: 16 image tokens; text width 16
+    sample_size=8,
+    patch_size=2,
+    in_channels=4,
+    out_channels=4,
+    num_layers=2,
+    attention_head_dim=8,
+    num_attention_heads=2,
+    joint_attention_dim=16,
+    caption_projection_dim=16,
+    pooled_projection_dim=16,
+)
 
 
-def tiny_sd3_model(seed: int = 0) -> SD3Transformer2DModel:
+def tiny_sd3_model(config: dict = TINY_SD3, seed: int = 0) -> SD3Transformer2DModel:
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(**TINY_SD3).eval()
+    return SD3Transformer2DModel(**config).eval()
 
 
 def analytic_sd3_macs(cfg: dict, rows: int, n: int, k: int, text: int) -> dict[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import SD3Transformer2DModel
+from sd3_tiny import SMALL_SD3, tiny_sd3_model
 
 from catbatch.models.tiny import build_tiny_pipeline, pipeline_call_kwargs
 from catbatch.pruning import (
@@ -186,25 +187,9 @@ def test_bare_transformer_matches_pipeline_mode(model):
     remove_cat(pipe.transformer)
 
 
-def tiny_sd3_transformer():
-    torch.manual_seed(0)
-    return SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=16,
-        out_channels=4,
-    ).eval()
-
-
 @torch.no_grad()
 def test_unselected_tokens_reuse_the_previous_output_per_sample():
-    model = tiny_sd3_transformer()
+    model = tiny_sd3_model(SMALL_SD3)
     state = apply_cat(model, CATConfig(alpha=0.25, last_full_step=0), cfg=True)
     batch, n_tokens = 2, 16  # 8x8 latent, patch 2
     state.force_indices = torch.tensor([[0, 1, 2, 3], [12, 13, 14, 15]])
@@ -233,10 +218,10 @@ def test_unselected_tokens_reuse_the_previous_output_per_sample():
 
 def test_invalid_settings_are_rejected():
     with pytest.raises(PruningConfigError):
-        apply_cat(tiny_sd3_transformer(), alpha=1.5)
+        apply_cat(tiny_sd3_model(SMALL_SD3), alpha=1.5)
     with pytest.raises(TypeError):
         apply_cat(torch.nn.Linear(2, 2))
-    model = tiny_sd3_transformer()
+    model = tiny_sd3_model(SMALL_SD3)
     with pytest.raises(ValueError, match="attention_block"):
         apply_cat(model, alpha=0.5, attention_block=2)  # 2 blocks
     assert not hasattr(model, "_diffusers_hook")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
+from sd3_tiny import SMALL_SD3, tiny_sd3_model
 
 from catbatch.clipscore import ClipScorer, clip_setup
 from catbatch.models import loader, tiny
@@ -71,21 +71,8 @@ def test_shipped_clip_prefers_the_true_caption():
 
 
 def test_one_weighted_zero_token_equals_the_pipelines_zero_tokens():
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=16,
-        caption_projection_dim=16,
-        pooled_projection_dim=8,
-        pos_embed_max_size=8,
-    ).eval()
-    x, text, pooled = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16), torch.randn(2, 8)
+    model = tiny_sd3_model(SMALL_SD3)
+    x, text, pooled = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 16), torch.randn(2, 16)
     t = torch.tensor([300.0, 700.0])
     zeros = torch.zeros(2, ZERO_TOKENS, 16)
     with torch.no_grad():
