@@ -33,7 +33,7 @@ import torch
 from diffusers import SD3Transformer2DModel
 from torch import Tensor
 
-from catbatch.fidelity import latent_psnr, psnr_batch, ssim_batch
+from catbatch.metrics.fidelity import latent_psnr, psnr_batch, ssim_batch
 from catbatch.models.tiny import CLIP_HIDDEN, T5_D_MODEL, build_tiny_pipeline
 from catbatch.pruning import STRATEGIES, CATConfig, apply_cat, remove_cat
 
@@ -63,7 +63,7 @@ def load_prompts(count: int, path: Path = PARTI_PATH) -> tuple[list[str], str]:
     or the built-in list when the file is absent."""
     if path.is_file():
         try:
-            from catbatch.prompts import PromptSource, read_prompts
+            from catbatch.job.prompts import PromptSource, read_prompts
         except ImportError:  # e.g. no pydantic/fsspec: read the TSV's Prompt column directly
             header, *lines = path.read_text(encoding="utf-8").splitlines()
             column = header.split("\t").index("Prompt")
@@ -295,7 +295,7 @@ def shapes_main(args: argparse.Namespace) -> int:
     """Every strategy at ``args.alpha`` and a ``cat`` alpha sweep on the shipped model."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from catbatch.clipscore import ClipScorer, clip_setup
+    from catbatch.metrics.clipscore import ClipScorer, clip_setup
     from catbatch.shapes.checker import check, summary
     from catbatch.shapes.evaluate import heldout_captions
 

@@ -314,11 +314,11 @@ def plain_child(manifest_path: str, result_path: str) -> int:
     import numpy as np
     import torch
 
-    from catbatch.manifest import load_manifest
+    from catbatch.job.manifest import load_manifest
+    from catbatch.job.prompts import read_prompts
+    from catbatch.job.seeds import image_generator, image_seed
+    from catbatch.job.worker import encode_png
     from catbatch.models.loader import describe_source, load_pipeline, pipeline_call_kwargs
-    from catbatch.prompts import read_prompts
-    from catbatch.seeds import image_generator, image_seed
-    from catbatch.worker import encode_png
 
     torch.set_num_threads(1)
     m = load_manifest(manifest_path)

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 
 import click
 
-from catbatch.manifest import ManifestError, load_manifest
+from catbatch.job.manifest import ManifestError, load_manifest
 
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3  # another submission holds the output's lease
@@ -31,9 +31,9 @@ def _load(manifest_path: str, overrides: dict[str, Any]):
 
 
 def _plan(m, check_model: bool = True):
-    from catbatch.driver import JobError, plan
+    from catbatch.job.driver import JobError, plan
+    from catbatch.job.prompts import PromptSourceError
     from catbatch.models.loader import ModelLoadError
-    from catbatch.prompts import PromptSourceError
 
     try:
         return plan(m, check_model=check_model)
@@ -44,7 +44,7 @@ def _plan(m, check_model: bool = True):
 @contextmanager
 def _output_lease(layout) -> Iterator[Any]:
     """Hold the output's lease (exit 3 if another submission holds it); released on exit."""
-    from catbatch.lease import Lease, LeaseHeld
+    from catbatch.job.lease import Lease, LeaseHeld
 
     try:
         layout.check_writable()
@@ -150,8 +150,8 @@ def submit(
     Transient storage errors are retried with backoff for CATBATCH_STORAGE_RETRY_S seconds
     (default 300).
     """
-    from catbatch.driver import JobError, prepare_output
-    from catbatch.driver import submit as run
+    from catbatch.job.driver import JobError, prepare_output
+    from catbatch.job.driver import submit as run
 
     overrides: dict[str, Any] = {}
     if output:
@@ -219,7 +219,7 @@ def status(output: str, as_json: bool) -> None:
     Exit code 0 when every planned shard is committed, 1 when some are pending, 2 when OUTPUT
     holds no run.
     """
-    from catbatch.status import StatusError, output_status
+    from catbatch.job.status import StatusError, output_status
 
     try:
         st = output_status(output)
@@ -255,8 +255,8 @@ def regenerate(
     so the result matches the row in the dataset (up to float summation order when the
     dataset was made at a larger batch size).
     """
-    from catbatch.sharding import Shard, Task
-    from catbatch.worker import Worker
+    from catbatch.job.sharding import Shard, Task
+    from catbatch.job.worker import Worker
 
     m = _load(manifest, {"batch_size": 1})
     p = _plan(m)
@@ -332,7 +332,7 @@ def macs(
 ) -> None:
     """Full and CAT-pruned MACs per image of SD3-medium and PixArt-Sigma, as in the paper.
 
-    The real transformer configs (written out in catbatch.paper_configs, no hub access) are
+    The real transformer configs (written out in catbatch.metrics.paper_configs, no hub access) are
     built on the meta device, without weights, and one step of each kind is counted with torch's
     FLOP counter through the pruning engine's counting path; CFG doubles the rows. Two figures
     in T (1e12) MACs: "paper" counts the transformer's linear layers and the patch-embedding
@@ -344,7 +344,7 @@ def macs(
     """
     from dataclasses import asdict
 
-    from catbatch.paper_configs import NOTES, format_table, paper_macs_table
+    from catbatch.metrics.paper_configs import NOTES, format_table, paper_macs_table
 
     if not 0 < alpha <= 1 or resolution % 16:
         _fail("--alpha must be in (0, 1] and --resolution a multiple of 16")

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from catbatch.cli import main
-from catbatch.layout import OutputLayout
+from catbatch.job.layout import OutputLayout
 
 GOOD = """\
 name: bad

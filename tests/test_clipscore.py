@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from catbatch.clipscore import ClipScorer, cached_hub_weights, clip_score, clip_setup
+from catbatch.metrics.clipscore import ClipScorer, cached_hub_weights, clip_score, clip_setup
 
 TINY_CLIP = {
     "embed_dim": 16,

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from catbatch.cli import cluster_overrides
-from catbatch.distributor import plan_actors
-from catbatch.layout import OutputLayout
-from catbatch.manifest import ManifestError, parse_manifest
+from catbatch.job.distributor import plan_actors
+from catbatch.job.layout import OutputLayout
+from catbatch.job.manifest import ManifestError, parse_manifest
+from catbatch.job.observe import EventLog, JobMetrics, Throughput
+from catbatch.job.runrecord import fingerprint
 from catbatch.models.loader import ModelLoadError, describe_source, load_pipeline
-from catbatch.observe import EventLog, JobMetrics, Throughput
-from catbatch.runrecord import fingerprint
 
 BASE = """\
 name: opts
@@ -135,8 +135,8 @@ def test_progress_bar_shows_failures_queue_and_eta(tmp_path: Path) -> None:
 
     from tqdm import tqdm
 
-    from catbatch.driver import JobObserver, Summary
-    from catbatch.sharding import Shard, Task
+    from catbatch.job.driver import JobObserver, Summary
+    from catbatch.job.sharding import Shard, Task
 
     bar = tqdm(total=16, file=io.StringIO())
     obs = JobObserver("j", EventLog(OutputLayout(str(tmp_path))), Summary(), bar, total=16)

@@ -20,9 +20,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from catbatch.cli import main
-from catbatch.driver import plan
-from catbatch.manifest import load_manifest
-from catbatch.worker import FAULTS_ENV, InjectedFaults, Worker
+from catbatch.job.driver import plan
+from catbatch.job.manifest import load_manifest
+from catbatch.job.worker import FAULTS_ENV, InjectedFaults, Worker
 
 PROMPTS = ["a red fox", "a blue boat", "a green tree", "a yellow house", "a black cat", "a bird"]
 
@@ -236,7 +236,7 @@ def test_actor_sigkilled_mid_shard_is_redone_elsewhere(
 
     killer = threading.Thread(target=kill_one, daemon=True)
     killer.start()
-    with caplog.at_level(logging.WARNING, logger="catbatch.distributor"):
+    with caplog.at_level(logging.WARNING, logger="catbatch.job.distributor"):
         code, output = submit(path, capfd)
     killer.join(timeout=5)
     assert code == 0, output
@@ -273,7 +273,7 @@ def test_hung_batch_times_out_and_the_shard_is_retried(
     monkeypatch.setenv(FAULTS_ENV, json.dumps({"hang_once": str(marker)}))
     path = write_manifest(tmp_path, shard=3, actors=1, ray="batch_timeout_s: 5")
     t0 = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="catbatch.distributor"):
+    with caplog.at_level(logging.WARNING, logger="catbatch.job.distributor"):
         code, output = submit(path, capfd)
     assert code == 0, output
     assert marker.exists()

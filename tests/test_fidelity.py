@@ -1,4 +1,4 @@
-"""PSNR / SSIM of images and latents (catbatch.fidelity)."""
+"""PSNR / SSIM of images and latents (catbatch.metrics.fidelity)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from catbatch import fidelity
+from catbatch.metrics import fidelity
 
 
 def _image(seed: int = 0, size: tuple[int, int] = (48, 40)) -> np.ndarray:

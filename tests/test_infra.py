@@ -163,7 +163,7 @@ def test_every_kubernetes_image_is_the_dockerfile_image():
 
 @pytest.mark.parametrize("rel", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
 def test_gpu_worker_groups_fit_the_coco_manifest(rel):
-    from catbatch.manifest import load_manifest
+    from catbatch.job.manifest import load_manifest
 
     m = load_manifest(ROOT / "manifests/coco.yaml")
     assert _yaml(rel)["apiVersion"] == "ray.io/v1"
@@ -277,7 +277,7 @@ def test_launcher_config_is_valid_and_installs_the_pinned_package():
     schema = json.loads((ray_dir / "autoscaler" / "ray-schema.json").read_text())
     jsonschema.validate(cfg, schema)
 
-    from catbatch.manifest import load_manifest
+    from catbatch.job.manifest import load_manifest
 
     grace = load_manifest(ROOT / "manifests/coco.yaml").ray.stop_grace_s
     opts = " ".join(cfg["docker"]["run_options"])
@@ -348,7 +348,7 @@ def test_guide_documents_the_ray_job_runtime_env():
 
 
 def test_guide_names_the_exported_metrics_and_log_folder():
-    observe = pytest.importorskip("catbatch.observe")
+    observe = pytest.importorskip("catbatch.job.observe")
     text = cluster_section()
     named = set(re.findall(r"`ray_(catbatch_\w+)`", text))
     # Prometheus names: Ray adds the ray_ prefix, and _total to counters (Ray >= 2.10)

@@ -13,8 +13,8 @@ import uuid
 
 import pytest
 
-from catbatch.layout import OutputLayout
-from catbatch.lease import (
+from catbatch.job.layout import OutputLayout
+from catbatch.job.lease import (
     LEASE_DIR,
     Lease,
     LeaseHeld,
@@ -26,8 +26,8 @@ from catbatch.lease import (
 
 HOLDER = """
 import sys, time
-from catbatch.layout import OutputLayout
-from catbatch.lease import Lease, LeaseHeld
+from catbatch.job.layout import OutputLayout
+from catbatch.job.lease import Lease, LeaseHeld
 url, start, hold = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
 lease = Lease(OutputLayout(url), ttl_s=float(sys.argv[4]), heartbeat_s=float(sys.argv[5]))
 time.sleep(max(0.0, start - time.time()))

@@ -7,9 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from catbatch import paper_configs
 from catbatch.cli import main
-from catbatch.paper_configs import PAPER_MODELS, paper_macs_table
+from catbatch.metrics import paper_configs
+from catbatch.metrics.paper_configs import PAPER_MODELS, paper_macs_table
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from catbatch.cli import main
-from catbatch.manifest import ManifestError, load_manifest, parse_manifest
+from catbatch.job.manifest import ManifestError, load_manifest, parse_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -172,7 +172,7 @@ def test_help_texts():
 
 def test_manifest_round_trips_for_actors(tmp_path):
     """Actors rebuild the manifest from a dump: variants must resolve identically."""
-    from catbatch.manifest import Manifest
+    from catbatch.job.manifest import Manifest
 
     text = GOOD.replace("variants:", "pruning: {alpha: 0.6}\nvariants:\n  - name: inherit")
     m = load_manifest(write(tmp_path, text))

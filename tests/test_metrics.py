@@ -11,11 +11,11 @@ import torch
 from diffusers import SD3Transformer2DModel
 from sd3_tiny import TINY_SD3, analytic_sd3_macs, tiny_sd3_model
 
-from catbatch import metrics
-from catbatch.driver import plan
-from catbatch.manifest import load_manifest
+from catbatch.job.driver import plan
+from catbatch.job.manifest import load_manifest
+from catbatch.job.worker import Worker
+from catbatch.metrics import rows as metrics
 from catbatch.pruning import CATConfig
-from catbatch.worker import Worker
 
 
 def run_bare_generation(model, counter, batch: int, steps: int, text: int, cfg: bool = True):
@@ -207,7 +207,7 @@ def test_worker_macs_match_the_analytic_count(worker_rows):
 
 
 def test_manifest_metrics_section():
-    from catbatch.manifest import ManifestError, parse_manifest
+    from catbatch.job.manifest import ManifestError, parse_manifest
 
     base = "name: x\nmodel: {id: tiny-sd3}\nprompts: {path: p.txt}\noutput: o\n"
     spec = parse_manifest(base).metrics

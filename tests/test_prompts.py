@@ -1,4 +1,4 @@
-"""Tests for catbatch.prompts: every format, ids, offset/limit, bad input, fsspec URLs."""
+"""Tests for catbatch.job.prompts: every format, ids, offset/limit, bad input, fsspec URLs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pydantic
 import pytest
 
-from catbatch.prompts import (
+from catbatch.job.prompts import (
     PromptSource,
     PromptSourceError,
     read_prompts,

@@ -22,10 +22,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from catbatch.cli import main
-from catbatch.fidelity import ssim
-from catbatch.layout import OutputLayout
+from catbatch.job.layout import OutputLayout
+from catbatch.job.writer import SCHEMA
+from catbatch.metrics.fidelity import ssim
 from catbatch.report import ReportOptions, make_report
-from catbatch.writer import SCHEMA
 
 METRIC_FIELDS = [
     ("macs_paper", pa.float64()),
@@ -461,8 +461,8 @@ def test_partial_run(tmp_path: Path):
 
 
 def test_older_rows_from_the_writer(tmp_path: Path):
-    """Rows written by catbatch.writer (whatever columns it has) give a report too."""
-    from catbatch.writer import Row, write_shard
+    """Rows written by catbatch.job.writer (whatever columns it has) give a report too."""
+    from catbatch.job.writer import Row, write_shard
 
     out = tmp_path / "old"
     layout = OutputLayout(str(out))

@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from catbatch.cli import main
-from catbatch.layout import OutputLayout
-from catbatch.lease import Lease
-from catbatch.manifest import parse_manifest
-from catbatch.runrecord import fingerprint
+from catbatch.job.layout import OutputLayout
+from catbatch.job.lease import Lease
+from catbatch.job.manifest import parse_manifest
+from catbatch.job.runrecord import fingerprint
 
 pytestmark = pytest.mark.slow
 
@@ -269,8 +269,8 @@ def test_second_submission_refused_while_lease_held(tmp_path, reference_run):
 
 def test_retry_keeps_every_column_of_untouched_rows():
     """--retry-failed rewrites a shard from its Parquet rows: the round trip loses nothing."""
-    from catbatch.resume import row_from_record
-    from catbatch.writer import Row, rows_to_table
+    from catbatch.job.resume import row_from_record
+    from catbatch.job.writer import Row, rows_to_table
 
     ok = Row(
         "s", 0, "p", {"k": "v"}, 1, "full", {"steps": 2}, b"png", 128, 128, "b0", 1, 0.1, "cpu"

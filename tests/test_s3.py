@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from s3server import ACCESS_KEY, SECRET_KEY, drop_requests
 
 from catbatch.cli import main
-from catbatch.layout import OutputLayout, StorageError
-from catbatch.lease import Lease
+from catbatch.job.layout import OutputLayout, StorageError
+from catbatch.job.lease import Lease
 
 pytestmark = pytest.mark.slow
 s3fs = pytest.importorskip("s3fs", reason="s3fs not installed (test extras)")
@@ -125,8 +125,8 @@ def test_rejected_credentials_fail_before_anything_starts(tmp_path, s3_server, m
 def test_outage_mid_run_retries_then_completes(tmp_path, s3_server, ray_cluster):
     """The S3 server stops after the first shard commits and comes back a few seconds later;
     the writes retry with backoff and the run completes with every image exactly once."""
-    from catbatch.driver import plan, prepare_output, submit
-    from catbatch.manifest import load_manifest
+    from catbatch.job.driver import plan, prepare_output, submit
+    from catbatch.job.manifest import load_manifest
 
     url = s3_server.url(f"runs/{uuid.uuid4().hex[:8]}")
     m = load_manifest(job(tmp_path, url, PROMPTS, shard=1))
@@ -171,9 +171,9 @@ def test_outage_past_retry_budget_fails_clearly_then_rerun_completes(
 ):
     """A worker whose writes stay refused past the retry budget raises a clear error without
     committing anything; after the server is back, rerunning the submission completes."""
-    from catbatch.driver import plan, prepare_output
-    from catbatch.manifest import load_manifest
-    from catbatch.worker import Worker
+    from catbatch.job.driver import plan, prepare_output
+    from catbatch.job.manifest import load_manifest
+    from catbatch.job.worker import Worker
 
     url = s3_server.url(f"runs/{uuid.uuid4().hex[:8]}")
     path = job(tmp_path, url, PROMPTS[:2])

@@ -6,9 +6,9 @@ import hashlib
 
 import torch
 
-from catbatch.prompts import Prompt
-from catbatch.seeds import image_generator, image_seed
-from catbatch.sharding import make_shards, make_tasks
+from catbatch.job.prompts import Prompt
+from catbatch.job.seeds import image_generator, image_seed
+from catbatch.job.sharding import make_shards, make_tasks
 
 
 def test_image_seed_is_the_documented_hash():

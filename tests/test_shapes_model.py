@@ -8,7 +8,7 @@ import pytest
 import torch
 from sd3_tiny import SMALL_SD3, tiny_sd3_model
 
-from catbatch.clipscore import ClipScorer, clip_setup
+from catbatch.metrics.clipscore import ClipScorer, clip_setup
 from catbatch.models import loader, tiny
 from catbatch.pruning import CATConfig, apply_cat, remove_cat
 from catbatch.shapes.checker import check, summary

@@ -131,7 +131,7 @@ def test_sd3_output(sd3_run):
     assert rows[0]["sample_id"] == rows[1]["sample_id"]
     assert rows[0]["image"]["bytes"] != rows[1]["image"]["bytes"]
     assert json.loads(rows[0]["settings"])["steps"] == 4
-    # per-sample metrics (catbatch.metrics, catbatch.clipscore)
+    # per-sample metrics (catbatch.metrics.rows, catbatch.metrics.clipscore)
     assert len({(r["macs_paper"], r["macs_total"]) for r in rows}) == 1  # same passes per image
     assert 0 < rows[0]["macs_paper"] < rows[0]["macs_total"]
     for r in rows:

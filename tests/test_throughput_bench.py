@@ -79,7 +79,7 @@ def test_manifest_text_sets_the_compared_configuration():
         "clip": True,
         "output": "/tmp/out",
     }
-    m = yaml.safe_load(tp.manifest_text(cfg))  # catbatch.manifest imports torch: too slow here
+    m = yaml.safe_load(tp.manifest_text(cfg))  # catbatch.job.manifest imports torch: too slow here
     assert (m["width"], m["height"], m["steps"]) == (256, 256, 28)
     assert (m["batch_size"], m["shard_size"]) == (4, 8)
     assert m["ray"]["address"] == "local" and m["ray"]["resources"]["cpus"] == 1

@@ -10,7 +10,7 @@ Reads a run's output (local path or any fsspec URL) and writes ``report.json``, 
 
 from __future__ import annotations
 
-from catbatch.layout import OutputLayout
+from catbatch.job.layout import OutputLayout
 from catbatch.report.aggregate import Report, ReportError, ReportOptions, build, to_json
 from catbatch.report.card import render_card
 from catbatch.report.load import load_run

@@ -44,7 +44,7 @@ DEFINITIONS = {
         "baseline mean MACs."
     ),
     "fidelity": (
-        "PSNR and luminance SSIM (catbatch.fidelity) of each ok variant image against "
+        "PSNR and luminance SSIM (catbatch.metrics.fidelity) of each ok variant image against "
         "the ok baseline image of the same (sample_id, image_index) and seed; identical "
         "pairs have infinite PSNR, reported as ``null`` with ``identical: true`` and "
         "counted in ``psnr_identical``; ``psnr_mean`` averages the finite values."

@@ -13,8 +13,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catbatch.layout import OutputLayout
-from catbatch.writer import METRIC_COLUMNS, SCHEMA
+from catbatch.job.layout import OutputLayout
+from catbatch.job.writer import METRIC_COLUMNS, SCHEMA
 
 # Columns of the per-sample rows (all but the image); older outputs may lack the metric ones.
 BASE_COLUMNS = tuple(f.name for f in SCHEMA if f.name not in METRIC_COLUMNS and f.name != "image")

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from catbatch.fidelity import compare_images
-from catbatch.layout import OutputLayout
+from catbatch.job.layout import OutputLayout
+from catbatch.metrics.fidelity import compare_images
 from catbatch.report.load import Key, RunData, VariantData, shard_images
 
 COMPARE_BATCH = 8  # images per PSNR/SSIM call: bounds the float64 working memory

@@ -167,7 +167,7 @@ def paper_macs_table(
     resolution: int = 1024,
 ) -> list[MacsRow]:
     """Full and CAT MACs per image of the paper's models, counted on the meta device."""
-    from catbatch.metrics import schedule, step_costs, step_macs
+    from catbatch.metrics.rows import schedule, step_costs, step_macs
     from catbatch.pruning import CATConfig
 
     config = CATConfig(alpha=alpha)

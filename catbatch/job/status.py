@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from catbatch.layout import OutputLayout
-from catbatch.lease import current_lease
+from catbatch.job.layout import OutputLayout
+from catbatch.job.lease import current_lease
 
 
 class StatusError(RuntimeError):

@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catbatch.layout import OutputLayout
+from catbatch.job.layout import OutputLayout
 
 SCHEMA_VERSION = 1
 
@@ -45,7 +45,7 @@ _BASE_COLUMNS = {f.name for f in SCHEMA}
 SCHEMA = pa.schema(
     [
         *SCHEMA,
-        # per-sample metrics (catbatch.metrics, catbatch.clipscore); empty on failed rows
+        # per-sample metrics (catbatch.metrics: rows, clipscore); empty on failed rows
         _described(
             "macs_paper",
             pa.float64(),

@@ -21,9 +21,9 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from catbatch.layout import OutputLayout
-from catbatch.sharding import Shard, Task
-from catbatch.writer import Row, ShardStats, write_shard
+from catbatch.job.layout import OutputLayout
+from catbatch.job.sharding import Shard, Task
+from catbatch.job.writer import Row, ShardStats, write_shard
 
 _PIECE = re.compile(r"^shard-(\d{5,})(?:-x(\d+))?$")
 
@@ -179,7 +179,7 @@ def run_retries(
     their committed files; a later ``--retry-failed`` tries again)."""
     import ray
 
-    from catbatch import distributor
+    from catbatch.job import distributor
 
     distributor.connect(manifest.ray.address, num_cpus, manifest.ray.object_store_mb)
     n, cpus, gpus = distributor.plan_actors(manifest, len(tasks))
@@ -203,8 +203,8 @@ def _retry_group(
 ) -> list[dict]:
     import torch
 
-    from catbatch.manifest import Manifest
-    from catbatch.worker import Worker
+    from catbatch.job.manifest import Manifest
+    from catbatch.job.worker import Worker
 
     torch.set_num_threads(threads)
     manifest = Manifest.model_validate({**payload, "base_dir": base_dir})

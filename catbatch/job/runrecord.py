@@ -9,9 +9,9 @@ import time
 from pathlib import PurePosixPath
 from typing import Any
 
-from catbatch.manifest import Manifest
-from catbatch.prompts import source_identity
-from catbatch.writer import SCHEMA_VERSION
+from catbatch.job.manifest import Manifest
+from catbatch.job.prompts import source_identity
+from catbatch.job.writer import SCHEMA_VERSION
 
 
 def fingerprint_inputs(manifest: Manifest, model_source: dict | None = None) -> dict[str, Any]:

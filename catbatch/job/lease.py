@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from catbatch.layout import OutputLayout
+from catbatch.job.layout import OutputLayout
 
 LEASE_DIR = ".lease"
 TTL_ENV = "CATBATCH_LEASE_TTL_S"

@@ -1,6 +1,6 @@
 """The worker: one pipeline, loaded once, that turns a shard task into a committed Parquet file.
 
-Free of Ray (the Ray actor in :mod:`catbatch.distributor` wraps it) and of pruning details
+Free of Ray (the Ray actor in :mod:`catbatch.job.distributor` wraps it) and of pruning details
 (pruning sections come from the manifest and go to the engine's ``apply_cat``).
 
 A batch that fails (an exception, or out of memory) is split in halves and retried, down to
@@ -33,20 +33,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from catbatch import metrics
-from catbatch.clipscore import ClipScorer, ClipSetup, clip_setup
-from catbatch.layout import OutputLayout
-from catbatch.manifest import Manifest, Sampling
+from catbatch.job.layout import OutputLayout
+from catbatch.job.manifest import Manifest, Sampling
+from catbatch.job.prompts import Prompt
+from catbatch.job.seeds import image_generator, image_seed
+from catbatch.job.sharding import Task
+from catbatch.job.writer import Row, ShardStats, write_shard
+from catbatch.metrics import rows as metrics
+from catbatch.metrics.clipscore import ClipScorer, ClipSetup, clip_setup
 from catbatch.models.loader import (
     describe_source,
     load_pipeline,
     pipeline_call_kwargs,
     resolve_device,
 )
-from catbatch.prompts import Prompt
-from catbatch.seeds import image_generator, image_seed
-from catbatch.sharding import Task
-from catbatch.writer import Row, ShardStats, write_shard
 
 FAULTS_ENV = "CATBATCH_TEST_FAULTS"
 
@@ -335,7 +335,7 @@ class Worker:
             **extra,
         )
 
-    # -- per-sample metrics (catbatch.metrics, catbatch.clipscore) ------------------------------
+    # -- per-sample metrics (catbatch.metrics.rows, catbatch.metrics.clipscore) --------------
     def _init_metrics(self) -> None:
         spec = self.manifest.metrics
         transformer = getattr(self.pipe, "transformer", None)

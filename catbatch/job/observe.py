@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from catbatch.layout import OutputLayout
+from catbatch.job.layout import OutputLayout
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ from typing import Any
 import ray
 from tqdm import tqdm
 
-from catbatch import distributor, resume
-from catbatch.layout import OutputLayout
-from catbatch.lease import Lease
-from catbatch.manifest import Manifest
+from catbatch.job import distributor, resume
+from catbatch.job.layout import OutputLayout
+from catbatch.job.lease import Lease
+from catbatch.job.manifest import Manifest
+from catbatch.job.observe import EventLog, JobMetrics, Throughput
+from catbatch.job.prompts import Prompt, read_prompts
+from catbatch.job.runrecord import fingerprint, fingerprint_inputs, run_record
+from catbatch.job.sharding import Shard, Task, make_shards, make_tasks
 from catbatch.models.loader import ModelLoadError, describe_source
-from catbatch.observe import EventLog, JobMetrics, Throughput
-from catbatch.prompts import Prompt, read_prompts
-from catbatch.runrecord import fingerprint, fingerprint_inputs, run_record
-from catbatch.sharding import Shard, Task, make_shards, make_tasks
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def _check_resolution(manifest: Manifest) -> None:
 
 def prepare_output(p: Plan, overwrite: bool, retry_failed: bool = False) -> None:
     """Check the output is writable and consistent with an earlier run; choose pending tasks
-    (shard pieces not committed, see :mod:`catbatch.resume`) and, with ``retry_failed``, the
+    (shard pieces not committed, see :mod:`catbatch.job.resume`) and, with ``retry_failed``, the
     committed pieces whose failed images to make again. Call it while holding the lease."""
     layout = p.layout
     layout.check_writable()
@@ -170,7 +170,7 @@ def prepare_output(p: Plan, overwrite: bool, retry_failed: bool = False) -> None
 
 def _clear_output(layout: OutputLayout) -> None:
     """Delete an output's files for --overwrite, except the lease we hold."""
-    from catbatch.lease import LEASE_DIR
+    from catbatch.job.lease import LEASE_DIR
 
     for entry in layout.fs.ls(layout.root, detail=False):
         if entry.rstrip("/").rsplit("/", 1)[-1] != LEASE_DIR:

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from catbatch.prompts import Prompt
+from catbatch.job.prompts import Prompt
 
 
 @dataclass(frozen=True)

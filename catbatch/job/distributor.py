@@ -14,9 +14,9 @@ from typing import Any
 
 import ray
 
-from catbatch.layout import OutputLayout
-from catbatch.manifest import Manifest
-from catbatch.sharding import Task
+from catbatch.job.layout import OutputLayout
+from catbatch.job.manifest import Manifest
+from catbatch.job.sharding import Task
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ class ShardActor:
     ):
         import torch
 
-        from catbatch.manifest import Manifest
-        from catbatch.worker import Worker
+        from catbatch.job.manifest import Manifest
+        from catbatch.job.worker import Worker
 
         t0 = time.perf_counter()
         os.environ.update(env or {})

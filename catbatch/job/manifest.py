@@ -23,7 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from catbatch.prompts import PromptSource
+from catbatch.job.prompts import PromptSource
 from catbatch.pruning.config import PruningConfigError, parse_pruning_section
 
 DTYPES = ("float32", "float16", "bfloat16")

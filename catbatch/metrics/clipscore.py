@@ -25,7 +25,7 @@ FORMULA = (
     "truncated to the text model's context length (77 tokens for CLIP models)"
 )
 HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
-SHIPPED_DIR = Path(__file__).resolve().parent / "models" / "data"
+SHIPPED_DIR = Path(__file__).resolve().parents[1] / "models" / "data"
 SHIPPED = ("catbatch-shapes-clip",)  # in SHIPPED_DIR/<name>/: <name>.json and the weights
 
 

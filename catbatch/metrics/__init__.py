@@ -1,0 +1,1 @@
+"""Per-sample metrics: row columns (MACs, latency, cost), CLIP score, fidelity, paper configs."""
