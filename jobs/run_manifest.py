@@ -14,15 +14,21 @@ run on any schedule. Every line of catbatch's output is appended, timestamped, t
 - 1 some shards failed after retries (``catbatch status OUTPUT`` goes into the log), 2 bad
   input, anything else (127: catbatch not found): that code.
 
+With ``--busy-retries N`` an exit 3 is first retried in place, ``--busy-wait`` seconds apart, up
+to N times: a driver that died leaves its lease for 30 s (a RayJob uses this, and
+``--max-deferred 1`` so that a run which never started fails).
+
 When the exit code is not 0 a one-line summary also goes to stderr, so cron mails only then.
 SIGTERM and SIGINT are passed on to catbatch, which lets running shards commit. Only the Python
 standard library is needed (PyYAML, when present, to find the output for report/status).
-``CATBATCH_BIN`` overrides the catbatch command (default: the one beside this Python, then PATH).
+``CATBATCH_BIN`` overrides the catbatch command (default: the one beside this Python, then PATH,
+then ``python -m catbatch.cli`` where this Python has catbatch; else exit 127, catbatch not found).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -59,15 +65,20 @@ class Log:
         self._f.close()
 
 
-def catbatch_command() -> list[str]:
-    """``$CATBATCH_BIN`` (split like a shell), else catbatch beside this Python, else PATH."""
+def catbatch_command() -> list[str] | None:
+    """``$CATBATCH_BIN`` (split like a shell), else catbatch beside this Python, else PATH, else
+    this Python's ``-m catbatch.cli``; None when this Python has no catbatch either."""
     if os.environ.get("CATBATCH_BIN"):
         return shlex.split(os.environ["CATBATCH_BIN"])
     beside = Path(sys.executable).with_name("catbatch")
     if beside.is_file() and os.access(beside, os.X_OK):
         return [str(beside)]
     found = shutil.which("catbatch")
-    return [found] if found else [sys.executable, "-m", "catbatch.cli"]
+    if found:
+        return [found]
+    if importlib.util.find_spec("catbatch") is not None:
+        return [sys.executable, "-m", "catbatch.cli"]
+    return None
 
 
 def run(cmd: list[str], log: Log) -> int:
@@ -140,6 +151,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=3,
         help="Consecutive runs ending busy (3) or stopped (143) before it is an error.",
     )
+    p.add_argument(
+        "--busy-retries",
+        type=int,
+        default=0,
+        help="Resubmit this many times when catbatch exits 3 (the output's lease is held).",
+    )
+    p.add_argument(
+        "--busy-wait",
+        type=float,
+        default=45.0,
+        help="Seconds between those resubmissions (a dead driver's lease frees after 30 s).",
+    )
     p.add_argument("--echo", action="store_true", help="Also write the log lines to stdout.")
     argv = sys.argv[1:] if argv is None else list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -167,8 +190,25 @@ def _run_once(a: argparse.Namespace, log: Log, state: dict, state_path: Path) ->
     cat = catbatch_command()
     output = a.output or manifest_output(a.manifest)
     log(f"start: {a.manifest} -> {output or '(output unknown)'}")
+    if cat is None:
+        outcome = (
+            f"catbatch not found: not beside {sys.executable}, not on PATH "
+            f"({os.environ.get('PATH', '')}), not importable; set CATBATCH_BIN - needs a person"
+        )
+        log(f"end: {outcome} (this job exits 127)")
+        return 127, outcome
     extra = (["--output", a.output] if a.output else []) + a.submit_args
-    rc = run([*cat, "submit", str(a.manifest), "--quiet", *extra], log)
+    submit = [*cat, "submit", str(a.manifest), "--quiet", *extra]
+    rc = run(submit, log)
+    for attempt in range(1, a.busy_retries + 1):
+        if rc != EXIT_BUSY:
+            break
+        log(
+            f"the output's lease is held; submitting again in {a.busy_wait:g} s "
+            f"({attempt}/{a.busy_retries})"
+        )
+        time.sleep(a.busy_wait)
+        rc = run(submit, log)
 
     deferred = state.get("deferred", 0) + 1 if rc in DEFERRED else 0
     state.update(deferred=deferred, last_exit=rc, last_run=time.time(), manifest=str(a.manifest))

@@ -176,3 +176,212 @@ def test_nightly_coco_wrapper_runs_the_coco_manifest(fake, monkeypatch, tmp_path
     assert calls() == [["submit", "manifests/coco.yaml", "--quiet", "--address", "auto"]]
     assert (ROOT / "manifests/coco.yaml").is_file()
     assert "holds the output's lease" in (tmp_path / "logs" / "coco.log").read_text()
+
+
+def test_busy_retries_are_bounded_and_then_fail_with_max_deferred_1(fake, monkeypatch):
+    manifest, calls, log = fake
+    _set_rc(monkeypatch, 3)
+    args = [str(manifest), "--max-deferred", "1", "--busy-retries", "2", "--busy-wait", "0"]
+    assert run_manifest.main(args) == 3  # the RayJob's settings: a held lease ends the run
+    assert [c[0] for c in calls()] == ["submit"] * 3
+    assert log.read_text().count("submitting again in 0 s") == 2
+
+
+def test_a_busy_retry_that_gets_the_lease_finishes(fake, monkeypatch, tmp_path):
+    manifest, calls, _ = fake
+    script = tmp_path / "fake_catbatch.py"
+    # exit 3 on the first submission only
+    script.write_text(
+        FAKE.replace(
+            'sys.exit(int(os.environ.get(f"FAKE_{cmd.upper()}_RC", "0")))',
+            "n = sum(1 for _ in open(os.environ['FAKE_CALLS']))\nsys.exit(3 if n == 1 else 0)",
+        )
+    )
+    args = [str(manifest), "--max-deferred", "1", "--busy-retries", "3", "--busy-wait", "0"]
+    assert run_manifest.main(args) == 0
+    assert [c[0] for c in calls()] == ["submit", "submit"]
+
+
+def test_without_busy_retries_a_held_lease_is_submitted_once(fake, monkeypatch):
+    manifest, calls, _ = fake
+    _set_rc(monkeypatch, 3)
+    assert run_manifest.main([str(manifest)]) == 0  # cron: deferred, counted
+    assert len(calls()) == 1
+
+
+def test_no_catbatch_anywhere_is_127_not_some_shards_failed(fake, monkeypatch, tmp_path, capsys):
+    manifest, _, log = fake
+    monkeypatch.delenv("CATBATCH_BIN")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setattr(run_manifest.sys, "executable", str(tmp_path / "bin" / "python3"))
+    monkeypatch.setattr(run_manifest.importlib.util, "find_spec", lambda name: None)
+    assert run_manifest.catbatch_command() is None
+    assert run_manifest.main([str(manifest)]) == 127
+    text = log.read_text()
+    assert "catbatch not found" in text and "some shards failed" not in text
+    assert "catbatch not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# nightly_coco.sh as cron runs it: PATH=/usr/bin:/bin, HOME, LOGNAME, SHELL and nothing else
+# ------------------------------------------------------------------------------------------
+
+FAKE_SH = """#!/bin/sh
+echo "$@" >> "$(dirname "$0")/calls.txt"
+echo "fake catbatch $1"
+exit 3
+"""
+
+
+def _cron_env(home: Path) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin", "HOME": str(home), "LOGNAME": "ray", "SHELL": "/bin/sh"}
+
+
+def _checkout(tmp_path: Path) -> Path:
+    """The files nightly_coco.sh needs, in a checkout of their own (no .venv)."""
+    repo = tmp_path / "catbatch"
+    (repo / "jobs").mkdir(parents=True)
+    (repo / "manifests").mkdir()
+    for rel in ("jobs/nightly_coco.sh", "jobs/run_manifest.py", "manifests/coco.yaml"):
+        (repo / rel).write_text((ROOT / rel).read_text())
+    return repo
+
+
+def test_nightly_coco_under_cron_finds_the_ray_images_python_and_catbatch(tmp_path):
+    repo = _checkout(tmp_path)
+    home = tmp_path / "home" / "ray"
+    bin_dir = home / "anaconda3" / "bin"  # where rayproject/ray images keep their Python
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "catbatch").write_text(FAKE_SH)
+    (bin_dir / "catbatch").chmod(0o755)
+    done = subprocess.run(
+        ["/bin/sh", str(repo / "jobs/nightly_coco.sh"), "--", "--address", "auto"],
+        env=_cron_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr  # exit 3: the previous night still running
+    assert (bin_dir / "calls.txt").read_text().split() == [
+        "submit",
+        "manifests/coco.yaml",
+        "--quiet",
+        "--address",
+        "auto",
+    ]
+    log = (home / ".local/state/catbatch/coco.log").read_text()
+    assert "| fake catbatch submit" in log and "holds the output's lease" in log
+
+
+def test_nightly_coco_under_cron_without_catbatch_says_so(tmp_path):
+    repo = _checkout(tmp_path)
+    home = tmp_path / "home" / "nobody"
+    home.mkdir(parents=True)
+    done = subprocess.run(
+        ["/bin/sh", str(repo / "jobs/nightly_coco.sh")],
+        env=_cron_env(home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    # python3 on cron's PATH (or none at all) has no catbatch: a clear 127, mailed by cron
+    assert done.returncode == 127, done.stderr
+    assert "catbatch not found" in done.stderr or "no Python found" in done.stderr
+    assert "some shards failed" not in done.stderr
+
+
+# ------------------------------------------------------------------------------------------
+# stop_ray_jobs.py (the head pod's preStop) and sync_models.py (the weights Job)
+# ------------------------------------------------------------------------------------------
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"jobs/{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class FakeJobs:
+    """The JobSubmissionClient calls stop_ray_jobs makes; jobs end `ends_after` polls after
+    their stop (None: never)."""
+
+    def __init__(self, statuses: dict[str, str], ends_after: int | None):
+        self.statuses, self.ends_after, self.stopped, self.polls = statuses, ends_after, [], 0
+
+    def list_jobs(self):
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(submission_id=k, status=v) for k, v in self.statuses.items()]
+
+    def stop_job(self, sid):
+        self.stopped.append(sid)
+        return True
+
+    def get_job_status(self, sid):
+        self.polls += 1
+        if sid in self.stopped and self.ends_after is not None and self.polls > self.ends_after:
+            self.statuses[sid] = "STOPPED"
+        return self.statuses[sid]
+
+
+def test_prestop_stops_running_jobs_and_waits_for_them():
+    stop = _load("stop_ray_jobs")
+    client = FakeJobs({"a": "RUNNING", "b": "SUCCEEDED", "c": "PENDING"}, ends_after=3)
+    now = [0.0]
+    left = stop.stop_running_jobs(
+        client, wait_s=75, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s)
+    )
+    assert left == [] and client.stopped == ["a", "c"]  # the finished one is left alone
+    assert 0 < now[0] < 75
+
+
+def test_prestop_gives_up_after_its_wait():
+    stop = _load("stop_ray_jobs")
+    client = FakeJobs({"a": "RUNNING"}, ends_after=None)
+    now = [0.0]
+    said = []
+    left = stop.stop_running_jobs(
+        client,
+        wait_s=10,
+        clock=lambda: now[0],
+        sleep=lambda s: now.__setitem__(0, now[0] + s),
+        say=said.append,
+    )
+    assert left == ["a"] and now[0] == pytest.approx(10)
+    assert any("still running after 10 s" in s for s in said)
+
+
+def test_prestop_exits_0_when_no_dashboard_answers(tmp_path):
+    log = tmp_path / "prestop.log"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/stop_ray_jobs.py"), "--address", "http://127.0.0.1:9"]
+        + ["--wait", "1", "--log", str(log)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr  # the pod is going away either way
+    assert "could not stop the Ray jobs" in log.read_text()
+
+
+def test_sync_models_copies_missing_and_changed_files_and_follows_links(tmp_path):
+    sync = _load("sync_models")
+    src = tmp_path / "hub" / "models--org--m"
+    (src / "blobs").mkdir(parents=True)
+    (src / "snapshots" / "abc").mkdir(parents=True)
+    (src / "refs").mkdir()
+    (src / "refs" / "main").write_text("abc")
+    (src / "blobs" / "f1").write_bytes(b"x" * 10)
+    (src / "snapshots" / "abc" / "model.safetensors").symlink_to(src / "blobs" / "f1")
+    dst = tmp_path / "models"
+    copied, kept, failed = sync.sync(str(tmp_path / "hub"), dst, say=lambda _: None)
+    assert (copied, kept, failed) == (3, 0, [])
+    snap = dst / "models--org--m" / "snapshots" / "abc" / "model.safetensors"
+    assert snap.read_bytes() == b"x" * 10 and not snap.is_symlink()
+    (src / "refs" / "main").write_text("abcd")  # changed size: copied again
+    assert sync.sync(str(tmp_path / "hub"), dst, say=lambda _: None) == (1, 2, [])
+    assert (dst / "models--org--m" / "refs" / "main").read_text() == "abcd"
+    assert not list(dst.rglob("*.part"))
+    assert sync.main([str(tmp_path / "nothing-here"), str(dst)]) == 1
