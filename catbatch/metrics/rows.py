@@ -351,17 +351,19 @@ def cost_usd(gpu_seconds: float, price_per_gpu_hour: float | None) -> float | No
     return None if price_per_gpu_hour is None else gpu_seconds / 3600.0 * price_per_gpu_hour
 
 
-def prompt_limits(pipe: Any) -> list[tuple[Any, int]]:
+def prompt_limits(pipe: Any, max_sequence_length: int | None = None) -> list[tuple[Any, int]]:
     """``(tokenizer, token limit)`` of each text encoder of ``pipe``.
 
-    CLIP tokenizers: their ``model_max_length`` (77). T5 tokenizers: the pipeline call's default
-    ``max_sequence_length`` (SD3: 256, PixArt-Sigma: 300), which is what the worker uses.
+    CLIP tokenizers: their ``model_max_length`` (77). T5 tokenizers: ``max_sequence_length``,
+    else the pipeline call's default (SD3: 256, PixArt-Sigma: 300, FLUX: 512), as the worker.
     """
-    try:
-        params = inspect.signature(type(pipe).__call__).parameters
-        max_seq = params["max_sequence_length"].default
-    except (KeyError, TypeError, ValueError):
-        max_seq = None
+    max_seq = max_sequence_length
+    if max_seq is None:
+        try:
+            params = inspect.signature(type(pipe).__call__).parameters
+            max_seq = params["max_sequence_length"].default
+        except (KeyError, TypeError, ValueError):
+            max_seq = None
     limits = []
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tok = getattr(pipe, name, None)
