@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from flux_macs import analytic_flux_macs
 
 from catbatch.cli import main
+from catbatch.job import driver
 from catbatch.job.driver import plan
 from catbatch.job.manifest import ManifestError, load_manifest, parse_manifest
 from catbatch.job.runrecord import fingerprint, fingerprint_inputs
@@ -134,6 +135,25 @@ def test_max_sequence_length_counts_in_the_fingerprint_only_when_set(tmp_path):
     longer = parse_manifest(base + "max_sequence_length: 256\n", base_dir=str(tmp_path))
     assert fingerprint_inputs(longer)["variants"]["default"]["max_sequence_length"] == 256
     assert fingerprint(longer) != fingerprint(m)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_cluster_manifest_is_a_valid_flux_run(tmp_path):
+    m = load_manifest(REPO / "manifests" / "flux.yaml")
+    assert (m.model.id, m.model.dtype) == ("/models/FLUX.1-dev", "bfloat16")
+    assert (m.width, m.height, m.guidance_scale, m.max_sequence_length) == (1024, 1024, 3.5, 512)
+    assert m.model.memory.vae_slicing and m.negative_prompt == ""
+    assert [v.pruning for v in m.resolved_variants().values()] == [None]
+    driver._check_family(m, FLUX)  # what validation checks once the folder is there: passes
+    text = (REPO / "manifests" / "flux.yaml").read_text()
+    full = "  - name: full\n    pruning: none\n"
+    cat = text.replace(full, full + "  - name: cat\n    pruning: {alpha: 0.3}\n")
+    with pytest.raises(driver.JobError, match=r"variants\[1\]\.pruning: CAT pruning"):
+        driver._check_family(parse_manifest(cat), FLUX)
+    res = CliRunner().invoke(main, ["validate", str(REPO / "manifests" / "flux.yaml")])
+    assert res.exit_code == 2 and "/models/FLUX.1-dev" in res.output  # no weights here
 
 
 # -- one worker, no Ray ----------------------------------------------------------------------
