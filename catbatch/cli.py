@@ -320,8 +320,8 @@ def report(
     "--model",
     "models",
     multiple=True,
-    type=click.Choice(["sd3-medium", "pixart-sigma"]),
-    help="Which model (repeatable; default: both).",
+    type=click.Choice(["sd3-medium", "pixart-sigma", "flux1-dev"]),
+    help="Which model (repeatable; default: all three).",
 )
 @click.option("--steps", multiple=True, type=int, help="Step counts (repeatable; default 28, 50).")
 @click.option("--alpha", default=0.3, show_default=True, help="CAT: fraction of tokens computed.")
@@ -330,7 +330,8 @@ def report(
 def macs(
     models: tuple[str, ...], steps: tuple[int, ...], alpha: float, resolution: int, as_json: bool
 ) -> None:
-    """Full and CAT-pruned MACs per image of SD3-medium and PixArt-Sigma, as in the paper.
+    """Full and CAT-pruned MACs per image of SD3-medium and PixArt-Sigma, as in the paper, and
+    of FLUX.1-dev (full model only: CAT for FLUX is not available yet).
 
     The real transformer configs (written out in catbatch.metrics.paper_configs, no hub access) are
     built on the meta device, without weights, and one step of each kind is counted with torch's
@@ -338,9 +339,11 @@ def macs(
     in T (1e12) MACs: "paper" counts the transformer's linear layers and the patch-embedding
     convolution, as the CAT paper does; "total" adds the attention products. SD3 gets 333 text
     tokens (77 CLIP + 256 T5), which reproduces the paper's full-model figures; PixArt-Sigma
-    300 T5 tokens. For PixArt with CAT the printed figure counts what the engine runs (text
-    keys/values computed once per generation); "as paper" recomputes them at every full step,
-    which is how the paper's CAT figures appear to be counted. Takes about a minute on a CPU.
+    300 T5 tokens; FLUX.1-dev one row (guidance-distilled, no CFG) of 4096 image and 512 T5
+    tokens, through its own forward. For PixArt with CAT the printed figure counts what the
+    engine runs (text keys/values computed once per generation); "as paper" recomputes them at
+    every full step, which is how the paper's CAT figures appear to be counted. Takes about a
+    minute on a CPU.
     """
     from dataclasses import asdict
 
@@ -349,7 +352,7 @@ def macs(
     if not 0 < alpha <= 1 or resolution % 16:
         _fail("--alpha must be in (0, 1] and --resolution a multiple of 16")
     rows = paper_macs_table(
-        models or ("sd3-medium", "pixart-sigma"), steps or (28, 50), alpha, resolution
+        models or ("sd3-medium", "pixart-sigma", "flux1-dev"), steps or (28, 50), alpha, resolution
     )
     if as_json:
         payload = [{**asdict(r), "diff_pct": r.diff_pct} for r in rows]

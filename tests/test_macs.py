@@ -1,4 +1,4 @@
-"""Paper-scale MACs: the real SD3-medium and PixArt-Sigma configs on the meta device."""
+"""Paper-scale MACs: the real SD3-medium, PixArt-Sigma and FLUX.1-dev configs on the meta device."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from flux_macs import analytic_flux_macs
 
 from catbatch.cli import main
 from catbatch.metrics import paper_configs
-from catbatch.metrics.paper_configs import PAPER_MODELS, paper_macs_table
+from catbatch.metrics.paper_configs import FLUX_1_DEV, PAPER_MODELS, paper_macs_table
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,51 @@ def test_cli_prints_the_table(table, monkeypatch):
     assert len(data["rows"]) == 8 and all(abs(r["diff_pct"]) < 1 for r in data["rows"])
     res = CliRunner().invoke(main, ["macs", "--alpha", "0"])
     assert res.exit_code == 2 and "--alpha" in res.output
+
+
+# -- FLUX.1-dev: full model only (no CAT step for FLUX yet) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flux_table():
+    return paper_macs_table(("flux1-dev",), (28, 50), alpha=0.3)
+
+
+def test_flux_full_count_equals_the_analytic_formula(flux_table):
+    step = analytic_flux_macs(FLUX_1_DEV, n_img=4096, n_txt=512)  # 1024px: 64x64 packed tokens
+    assert [(r.variant, r.steps) for r in flux_table] == [("full", 28), ("full", 50)]
+    for r in flux_table:
+        assert r.paper_t * 1e12 == pytest.approx(r.steps * step["paper"], rel=1e-12)
+        total = r.steps * (step["paper"] + step["attention"])
+        assert r.total_t * 1e12 == pytest.approx(total, rel=1e-12)
+        assert r.reference_t is None and r.as_paper_t is None
+    # about 12B parameters x 4608 tokens per step, plus attention
+    assert 29.7 < flux_table[0].paper_t / 28 < 29.8 and 37.1 < flux_table[0].total_t / 28 < 37.3
+
+
+def test_flux_config_is_the_published_one():
+    flux = PAPER_MODELS["flux1-dev"].build("meta")
+    assert len(flux.transformer_blocks) == 19 and len(flux.single_transformer_blocks) == 38
+    assert flux.inner_dim == 24 * 128 and flux.config.guidance_embeds
+    params = sum(p.numel() for p in flux.parameters())
+    assert 11.8e9 < params < 12.0e9  # "12B"
+    assert PAPER_MODELS["flux1-dev"].text_tokens == 512
+
+
+def test_flux_table_says_cat_is_not_available(flux_table, monkeypatch):
+    calls = []
+
+    def table(*args, **kwargs):
+        calls.append(args)
+        return flux_table
+
+    monkeypatch.setattr(paper_configs, "paper_macs_table", table)
+    res = CliRunner().invoke(main, ["macs", "--model", "flux1-dev"])
+    assert res.exit_code == 0, res.output
+    assert calls[0][0] == ("flux1-dev",)
+    line = next(x for x in res.output.splitlines() if x.startswith("FLUX.1-dev") and " 28 " in x)
+    assert f"{flux_table[0].paper_t:.2f}" in line and f"{flux_table[0].total_t:.2f}" in line
+    assert "cat a=0.3  not available yet (the pruning engine has no FLUX step)" in res.output
+    assert "FLUX.1-dev (not in the paper)" in res.output
+    CliRunner().invoke(main, ["macs"])
+    assert calls[1][0] == ("sd3-medium", "pixart-sigma", "flux1-dev")  # the default: all three

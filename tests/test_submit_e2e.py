@@ -13,9 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from flux_macs import analytic_flux_macs
 from PIL import Image
 
 from catbatch.cli import main
+from catbatch.models.tiny import preset_dir
 
 pytestmark = pytest.mark.slow
 
@@ -121,6 +123,25 @@ def test_submit_other_presets(tmp_path, ray_cluster, preset):
     path.write_text(path.read_text().replace("actors: 2", "actors: 1"))
     submit(path)
     check_output(tmp_path / "out", 6)
+
+
+def test_submit_flux(tmp_path, ray_cluster, tiny_cache):
+    """tiny-flux unpruned, 2 shards: guidance as an input (one row per image), T5 at 64 tokens."""
+    variants = "  - name: full\n    pruning: none\n    max_sequence_length: 64"
+    path = make_manifest(tmp_path, preset="tiny-flux", size=64, shard=3, variants=variants)
+    path.write_text(path.read_text().replace("actors: 2", "actors: 1"))
+    submit(path)
+    rows = check_output(tmp_path / "out", 6, size=64)
+    config = json.loads(
+        (preset_dir("tiny-flux", tiny_cache) / "transformer/config.json").read_text()
+    )
+    step = analytic_flux_macs(config, n_img=(64 // 16) ** 2, n_txt=64)
+    for r in rows:
+        assert r["macs_paper"] == 4 * step["paper"]  # 4 steps of one row: no CFG doubling
+        assert r["macs_total"] == 4 * (step["paper"] + step["attention"])
+        settings = json.loads(r["settings"])
+        assert settings["guidance_scale"] == 5.0 and settings["max_sequence_length"] == 64
+    assert len({r["image"]["bytes"] for r in rows}) == 6
 
 
 def test_sd3_output(sd3_run):

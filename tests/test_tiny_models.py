@@ -115,7 +115,7 @@ def test_shipped_spiece_model_is_reproducible(tmp_path):
 
 
 def test_preset_names_and_dirs(tmp_path, monkeypatch):
-    assert PRESETS == ("tiny-sd3", "tiny-sd35", "tiny-pixart")
+    assert PRESETS == ("tiny-sd3", "tiny-sd35", "tiny-pixart", "tiny-flux")
     assert all(is_preset(name) for name in PRESETS) and not is_preset("sd3-medium")
     expected = tmp_path / f"tiny-sd3-v{PRESET_VERSION}-seed3"
     assert preset_dir("tiny-sd3", tmp_path, seed=3) == expected
@@ -124,7 +124,7 @@ def test_preset_names_and_dirs(tmp_path, monkeypatch):
     monkeypatch.delenv("CATBATCH_CACHE", raising=False)
     assert preset_dir("tiny-pixart").parent.name == "presets"
     with pytest.raises(ValueError, match="unknown preset"):
-        build_tiny_pipeline("tiny-flux")
+        build_tiny_pipeline("tiny-hidream")
 
 
 def test_preset_architectures(built):
@@ -155,6 +155,52 @@ def test_preset_architectures(built):
     assert type(pixart.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert pipeline_call_kwargs(pixart) == {"use_resolution_binning": False, "clean_caption": False}
     assert pipeline_call_kwargs(built["tiny-sd3"]) == {}
+
+
+def test_flux_preset_architecture(built):
+    pipe = built["tiny-flux"]
+    assert type(pipe).__name__ == "FluxPipeline"
+    assert type(pipe.text_encoder).__name__ == "CLIPTextModel"  # pooled output, no projection
+    assert type(pipe.text_encoder_2).__name__ == "T5EncoderModel"
+    assert pipe.tokenizer.model_max_length == 77 and len(pipe.tokenizer_2) == 4000
+    assert pipe.vae_scale_factor == 8 and pipe.vae.config.latent_channels == 16
+    config = pipe.transformer.config
+    assert config.in_channels == 4 * 16 and config.patch_size == 1 and config.guidance_embeds
+    assert len(pipe.transformer.transformer_blocks) >= 2
+    assert len(pipe.transformer.single_transformer_blocks) >= 2
+    assert sum(config.axes_dims_rope) == config.attention_head_dim
+    assert config.joint_attention_dim == pipe.text_encoder_2.config.d_model
+    assert config.pooled_projection_dim == pipe.text_encoder.config.hidden_size
+    assert pipe.scheduler.config.use_dynamic_shifting  # FLUX.1-dev's resolution-dependent shift
+    assert pipeline_call_kwargs(pipe) == {}
+
+
+def test_flux_guidance_is_an_input_not_cfg(built):
+    """FLUX.1-dev-style guidance: one transformer row per image, the scale changes the image."""
+    pipe = built["tiny-flux"]
+    rows = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]),
+        with_kwargs=True,
+    )
+    try:
+        images = {
+            g: pipe(
+                prompt=["a red cube", "a blue sphere"],
+                num_inference_steps=2,
+                guidance_scale=g,
+                height=64,
+                width=96,
+                generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+                output_type="np",
+            ).images
+            for g in (1.0, 3.5)
+        }
+    finally:
+        hook.remove()
+    assert rows == [2] * 4  # batch 2, 2 steps, 2 calls: never doubled for guidance
+    assert images[1.0].shape == (2, 64, 96, 3)
+    assert not np.array_equal(images[1.0], images[3.5])
 
 
 @pytest.mark.parametrize("name", PRESETS)

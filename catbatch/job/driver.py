@@ -7,7 +7,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,7 @@ from catbatch.job.observe import EventLog, JobMetrics, Throughput
 from catbatch.job.prompts import Prompt, read_prompts
 from catbatch.job.runrecord import fingerprint, fingerprint_inputs, run_record
 from catbatch.job.sharding import Shard, Task, make_shards, make_tasks
+from catbatch.models.families import Family, source_family
 from catbatch.models.loader import ModelLoadError, describe_source
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ def plan(manifest: Manifest, check_model: bool = True) -> Plan:
         else {}
     )
     _check_resolution(manifest)
+    _check_family(manifest, source_family(source) if source else None)
     prompts = read_prompts(manifest.prompts, manifest.base_dir)
     shards = make_shards(prompts, manifest.shard_size)
     tasks = make_tasks(list(manifest.resolved_variants()), shards)
@@ -128,6 +130,56 @@ def _check_resolution(manifest: Manifest) -> None:
                     f"{prefix}{dim} {getattr(s, dim)} is not a multiple of 16, which the "
                     "transformer's VAE factor (8) x patch size (2) requires"
                 )
+
+
+def _check_family(manifest: Manifest, family: Family | None) -> None:
+    """Reject settings the model's family cannot honour, naming each field (all at once)."""
+    if family is None:
+        return
+    name, problems = family.name.upper(), []
+    if not family.pruning:
+        where = _fields_with(manifest, "pruning", lambda v: v is not None)
+        if where:
+            problems.append(
+                f"{', '.join(where)}: CAT pruning is not available for {name} pipelines yet "
+                "(catbatch prunes SD3, SD3.5 and PixArt-Sigma); use `pruning: none`"
+            )
+    if not family.cfg:
+        where = _fields_with(manifest, "negative_prompt", bool)
+        if where:
+            problems.append(
+                f"{', '.join(where)}: {name} is guidance-distilled and takes no negative "
+                "prompt (guidance_scale is an input of its transformer, not classifier-free "
+                "guidance); remove it"
+            )
+        if _inherits(manifest, "guidance_scale") and (
+            "guidance_scale" not in manifest.model_fields_set
+        ):
+            problems.append(
+                f"guidance_scale: not set; {name} takes it as an embedded guidance strength, "
+                "not classifier-free guidance, and the default 7.0 is meant for CFG: set it "
+                "(FLUX.1-dev: 3.5)"
+            )
+    if problems:
+        raise JobError("\n".join(problems))
+
+
+def _inherits(manifest: Manifest, setting: str) -> bool:
+    """Whether some variant takes ``setting`` from the manifest's top level."""
+    variants = manifest.variants
+    return not variants or any(setting not in v.model_fields_set for v in variants)
+
+
+def _fields_with(manifest: Manifest, setting: str, bad: Callable[[Any], bool]) -> list[str]:
+    """The manifest fields that give some variant a ``bad`` value of ``setting``."""
+    fields = [
+        f"variants[{i}].{setting}"
+        for i, v in enumerate(manifest.variants)
+        if setting in v.model_fields_set and bad(getattr(v, setting))
+    ]
+    if _inherits(manifest, setting) and bad(getattr(manifest, setting)):
+        fields.insert(0, setting)
+    return fields
 
 
 def prepare_output(p: Plan, overwrite: bool, retry_failed: bool = False) -> None:

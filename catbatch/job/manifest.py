@@ -145,6 +145,7 @@ def _pruning(v: Any) -> dict[str, Any] | None:
 
 Size = Annotated[int, Field(ge=16, le=8192), AfterValidator(_multiple_of_8)]
 Steps = Annotated[int, Field(ge=1, le=1000)]
+TextTokens = Annotated[int, Field(ge=1, le=512)]  # T5 tokens; diffusers' SD3 and FLUX limit
 Guidance = Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
 Pruning = Annotated[Any, BeforeValidator(_pruning)]
 
@@ -157,6 +158,8 @@ class Sampling(_Strict):
     steps: Steps = 28
     guidance_scale: Guidance = 7.0
     negative_prompt: str = ""
+    # T5 tokens of the prompt; None: the pipeline's default (SD3 256, PixArt-Sigma 300, FLUX 512)
+    max_sequence_length: TextTokens | None = None
     pruning: Pruning = None
 
 
@@ -169,6 +172,7 @@ class Variant(_Strict):
     steps: Steps | None = None
     guidance_scale: Guidance | None = None
     negative_prompt: str | None = None
+    max_sequence_length: TextTokens | None = None
     pruning: Pruning = None
 
     @field_validator("name")

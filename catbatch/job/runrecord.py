@@ -26,12 +26,21 @@ def fingerprint_inputs(manifest: Manifest, model_source: dict | None = None) -> 
     return {
         "model": model,
         "model_snapshot": resolved_snapshot(model_source or {}),
-        "variants": {k: v.model_dump() for k, v in manifest.resolved_variants().items()},
+        "variants": {k: _sampling(v) for k, v in manifest.resolved_variants().items()},
         "seed": manifest.seed,
         "images_per_prompt": manifest.images_per_prompt,
         "prompts": source_identity(manifest.prompts, manifest.base_dir),
         "shard_size": manifest.shard_size,
     }
+
+
+def _sampling(settings: Any) -> dict[str, Any]:
+    """A variant's settings; ``max_sequence_length`` only when set, as the memory options, so
+    the fingerprint of a run made before that setting existed does not change."""
+    values = settings.model_dump()
+    if values.get("max_sequence_length") is None:
+        values.pop("max_sequence_length", None)
+    return values
 
 
 def resolved_snapshot(model_source: dict) -> str | None:

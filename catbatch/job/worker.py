@@ -41,6 +41,7 @@ from catbatch.job.sharding import Task
 from catbatch.job.writer import Row, ShardStats, write_shard
 from catbatch.metrics import rows as metrics
 from catbatch.metrics.clipscore import ClipScorer, ClipSetup, clip_setup
+from catbatch.models.families import family_of
 from catbatch.models.loader import (
     describe_source,
     load_pipeline,
@@ -130,6 +131,7 @@ class Worker:
         self.variants = manifest.resolved_variants()
         self._pruning: dict | None = None
         self._call_kwargs = pipeline_call_kwargs(self.pipe)
+        self._family = family_of(self.pipe)  # None for pipelines catbatch does not know
         self.faults = InjectedFaults.from_env()
         self.batch_started: float | None = None  # monotonic start of the running batch
         self.batch_splits: list[dict[str, Any]] = []  # of the current task
@@ -262,7 +264,9 @@ class Worker:
             if img is not None and not finite[n]:
                 img, err = None, "non-finite pixel values (NaN or inf) in the pipeline output"
             png = None if img is None else encode_png(_to_uint8(img))
-            extra = {} if img is None else {**per_row, **self._sample_metrics(it, scores[n])}
+            extra = (
+                {} if img is None else {**per_row, **self._sample_metrics(it, scores[n], settings)}
+            )
             rows.append(
                 self._row(it, task, settings, png, batch_id, len(batch), latency, err, **extra)
             )
@@ -282,16 +286,20 @@ class Worker:
         return self.faults.after_batch(batch, images) if self.faults else images
 
     def _call_pipeline(self, batch: list[Item], settings: Sampling) -> Any:
+        kwargs: dict[str, Any] = dict(self._call_kwargs)
+        if self._family is None or self._family.cfg:  # FLUX.1: guidance is an input, not CFG
+            kwargs["negative_prompt"] = [settings.negative_prompt] * len(batch)
+        if settings.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = settings.max_sequence_length
         return self.pipe(
             prompt=[it.prompt.prompt for it in batch],
-            negative_prompt=[settings.negative_prompt] * len(batch),
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance_scale,
             height=settings.height,
             width=settings.width,
             generator=[image_generator(it.seed) for it in batch],
             output_type="np",
-            **self._call_kwargs,
+            **kwargs,
         )
 
     # -- internals --------------------------------------------------------------------------
@@ -342,7 +350,7 @@ class Worker:
         self.macs_counter = (
             metrics.MacsCounter(transformer) if spec.macs and transformer is not None else None
         )
-        self.prompt_limits = metrics.prompt_limits(self.pipe)
+        self._prompt_limits: dict[int | None, list] = {}  # by max_sequence_length
         self.devices_held = metrics.devices_held(self.device, self.manifest.ray.resources.gpus)
         self.price = metrics.price_for(spec.price_per_gpu_hour, self.device_name)
         self._sync = torch.cuda.synchronize if self.device.startswith("cuda") else None
@@ -435,11 +443,14 @@ class Worker:
             self._note(f"MACs not counted ({type(e).__name__}: {e})")
             return None
 
-    def _sample_metrics(self, it: Item, score: float | None) -> dict[str, Any]:
+    def _sample_metrics(self, it: Item, score: float | None, settings: Sampling) -> dict[str, Any]:
+        length = settings.max_sequence_length
+        if length not in self._prompt_limits:
+            self._prompt_limits[length] = metrics.prompt_limits(self.pipe, length)
         return {
             "clip_score": score,
             "clip_model": None if score is None else self.clip_setup.label,
-            "prompt_truncated": metrics.is_truncated(it.prompt.prompt, self.prompt_limits),
+            "prompt_truncated": metrics.is_truncated(it.prompt.prompt, self._prompt_limits[length]),
         }
 
 

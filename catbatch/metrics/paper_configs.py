@@ -1,9 +1,11 @@
-"""The paper's transformers (SD3-medium, PixArt-Sigma) as configs in code, built without weights.
+"""The paper's transformers (SD3-medium, PixArt-Sigma) and FLUX.1-dev as configs in code, built
+without weights.
 
 The values are the published ``transformer/config.json`` of ``stabilityai/stable-diffusion-3-medium
--diffusers`` and ``PixArt-alpha/PixArt-Sigma-XL-2-1024-MS``, copied here so that nothing touches a
-model hub. Every other argument keeps diffusers' default, which matches those files. Built on the
-``meta`` device they cost no memory and serve only to count MACs at real sizes.
+-diffusers``, ``PixArt-alpha/PixArt-Sigma-XL-2-1024-MS`` and ``black-forest-labs/FLUX.1-dev``,
+copied here so that nothing touches a model hub. Every other argument keeps diffusers' default,
+which matches those files. Built on the ``meta`` device they cost no memory and serve only to
+count MACs at real sizes.
 """
 
 from __future__ import annotations
@@ -43,17 +45,31 @@ PIXART_SIGMA: dict[str, Any] = {
     "interpolation_scale": 2,
 }
 
+FLUX_1_DEV: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 64,  # 16 latent channels, packed 2x2 by the pipeline
+    "num_layers": 19,  # double-stream blocks
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}
+
 
 @dataclass(frozen=True)
 class PaperModel:
     """A transformer of the paper and the text tokens its pipeline feeds it.
 
     ``text_tokens``: SD3's pipeline concatenates the CLIP embeddings (77 tokens) with the T5
-    embeddings (``max_sequence_length`` 256), 333 tokens; PixArt-Sigma's pipeline pads T5 to 300.
+    embeddings (``max_sequence_length`` 256), 333 tokens; PixArt-Sigma's pipeline pads T5 to 300;
+    FLUX's pipeline feeds T5 only (512 tokens; CLIP gives the pooled embedding).
     """
 
     name: str
-    family: str  # "sd3" or "pixart"
+    family: str  # "sd3", "pixart" or "flux"
     config: dict[str, Any]
     text_tokens: int
     text_dim: int
@@ -62,9 +78,18 @@ class PaperModel:
 
     def build(self, device: str | torch.device = "meta") -> torch.nn.Module:
         """The transformer with this config (random or no weights; ``meta`` by default)."""
-        from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
+        from diffusers import (
+            FluxTransformer2DModel,
+            PixArtTransformer2DModel,
+            SD3Transformer2DModel,
+        )
 
-        cls = SD3Transformer2DModel if self.family == "sd3" else PixArtTransformer2DModel
+        classes = {
+            "sd3": SD3Transformer2DModel,
+            "pixart": PixArtTransformer2DModel,
+            "flux": FluxTransformer2DModel,
+        }
+        cls = classes[self.family]
         with torch.device(device):
             return cls(**self.config).eval()
 
@@ -98,7 +123,17 @@ PAPER_MODELS: dict[str, PaperModel] = {
             ("cat", 50): 88.24,
         },
     ),
+    "flux1-dev": PaperModel(  # not in the paper: no reference figures
+        name="FLUX.1-dev",
+        family="flux",
+        config=FLUX_1_DEV,
+        text_tokens=512,
+        text_dim=4096,
+        pooled_dim=768,
+    ),
 }
+# Families whose CAT step the engine has; the others get full-model rows only.
+CAT_FAMILIES = ("sd3", "pixart")
 
 
 # -- the paper's MACs table, counted on the meta device -------------------------------------------
@@ -106,7 +141,8 @@ PAPER_MODELS: dict[str, PaperModel] = {
 NOTES = (
     "paper = transformer linear layers + patch-embedding convolution (the CAT paper's count); "
     "total = paper + attention products (QK^T, PV). Per image with CFG (2 rows per "
-    "step), counted with torch's FLOP counter on the meta device (FLOPs / 2), no weights.",
+    "step; FLUX.1-dev 1 row), counted with torch's FLOP counter on the meta device "
+    "(FLOPs / 2), no weights.",
     "SD3-medium: 333 text tokens (77 CLIP + 256 T5, what the pipeline feeds the transformer) "
     "reproduce the paper's full-model figures to within 0.05%.",
     "CAT: steps 0..7 full, the rest at K = int(alpha * N) of N image tokens (1228 of 4096 at "
@@ -120,6 +156,10 @@ NOTES = (
     "The remaining gaps (SD3 +0.03% full, +0.10% to +0.13% CAT) are smaller than one layer type "
     "(e.g. all AdaLN modulation layers: about 0.04T at 28 steps); their source is not "
     "identified (the paper does not publish its counting script).",
+    "FLUX.1-dev (not in the paper): guidance-distilled, so one row per image (guidance is an "
+    "input embedding, not CFG); 4096 image tokens (128x128 latent packed in 2x2 patches) + 512 "
+    "T5 tokens; its patch embedding is the linear x_embedder. Full model only: CAT figures for "
+    "FLUX come with the engine's FLUX step (issue 17), which does not exist yet.",
 )
 
 
@@ -143,9 +183,11 @@ class MacsRow:
 
 
 def meta_inputs(model: PaperModel, resolution: int = 1024, rows: int = 2) -> dict[str, Any]:
-    """Transformer inputs of one CFG image (``rows`` = 2) on the meta device."""
+    """Transformer inputs of one CFG image (``rows`` = 2; FLUX: always 1) on the meta device."""
     latent = resolution // 8
     channels = model.config["in_channels"]
+    if model.family == "flux":
+        return _flux_meta_inputs(model, latent // 2)
     with torch.device("meta"):
         inputs: dict[str, Any] = {
             "hidden_states": torch.zeros(rows, channels, latent, latent),
@@ -160,13 +202,29 @@ def meta_inputs(model: PaperModel, resolution: int = 1024, rows: int = 2) -> dic
     return inputs
 
 
+def _flux_meta_inputs(model: PaperModel, side: int) -> dict[str, Any]:
+    """One FLUX image: ``side x side`` packed latent tokens, ``model.text_tokens`` T5 tokens."""
+    n = side * side
+    with torch.device("meta"):
+        return {
+            "hidden_states": torch.zeros(1, n, model.config["in_channels"]),
+            "encoder_hidden_states": torch.zeros(1, model.text_tokens, model.text_dim),
+            "pooled_projections": torch.zeros(1, model.pooled_dim),
+            "timestep": torch.full((1,), 0.5),
+            "guidance": torch.full((1,), 3.5),
+            "img_ids": torch.zeros(n, 3),
+            "txt_ids": torch.zeros(model.text_tokens, 3),
+        }
+
+
 def paper_macs_table(
-    names: tuple[str, ...] = ("sd3-medium", "pixart-sigma"),
+    names: tuple[str, ...] = ("sd3-medium", "pixart-sigma", "flux1-dev"),
     steps: tuple[int, ...] = (28, 50),
     alpha: float = 0.3,
     resolution: int = 1024,
 ) -> list[MacsRow]:
-    """Full and CAT MACs per image of the paper's models, counted on the meta device."""
+    """Full and CAT MACs per image of the paper's models (FLUX.1-dev: full only), counted on
+    the meta device."""
     from catbatch.metrics.rows import schedule, step_costs, step_macs
     from catbatch.pruning import CATConfig
 
@@ -177,6 +235,9 @@ def paper_macs_table(
         model = spec.build("meta")
         inputs = meta_inputs(spec, resolution)
         full = step_macs(model, inputs)
+        if spec.family not in CAT_FAMILIES:
+            rows.extend(_row(spec, n, "full", full * n, resolution, alpha) for n in steps)
+            continue
         cat = step_costs(model, inputs, config)
         for n in steps:
             rows.append(_row(spec, n, "full", full * n, resolution, alpha))
@@ -212,7 +273,8 @@ def format_table(rows: list[MacsRow], alpha: float) -> str:
         f"{'paper says':>10} {'diff':>7}  {'as paper':>8}"
     )
     lines = [head, "-" * len(head)]
-    for r in rows:
+    families = {spec.name: spec.family for spec in PAPER_MODELS.values()}
+    for n, r in enumerate(rows):
         variant = "full" if r.variant == "full" else f"cat a={alpha:g}"
         ref = "" if r.reference_t is None else f"{r.reference_t:.2f}"
         diff = "" if r.diff_pct is None else f"{r.diff_pct:+.2f}%"
@@ -221,6 +283,13 @@ def format_table(rows: list[MacsRow], alpha: float) -> str:
             f"{r.model:<13} {r.steps:>5} {variant:<10} {r.paper_t:>9.2f} {r.total_t:>9.2f} "
             f"{ref:>10} {diff:>7}  {as_paper:>8}"
         )
+        last_of_model = n + 1 == len(rows) or rows[n + 1].model != r.model
+        if last_of_model and families.get(r.model) not in CAT_FAMILIES:
+            family = str(families.get(r.model)).upper()
+            lines.append(
+                f"{r.model:<13} {'':>5} cat a={alpha:g}  not available yet (the pruning engine "
+                f"has no {family} step)"
+            )
     lines.append("")
     lines.extend(
         textwrap.fill(note, 100, initial_indent="* ", subsequent_indent="  ") for note in NOTES

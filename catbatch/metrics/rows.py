@@ -11,6 +11,9 @@ result is cached: counting costs nothing per sample. Two figures per image, CFG 
 Schedule (the engine's timeline): steps ``0..s+2`` full, the rest pruned at ``K`` tokens per
 sample; with CAT, PixArt's cross-attention text keys/values are computed at the first step only
 and reused after that (SD3's text stream always runs in full).
+
+FLUX (which the engine does not prune yet) is counted through the transformer's own forward:
+full steps only, one row per image (its guidance is an input, not CFG).
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ _STEP_ARGS = (
     "pooled_projections",
     "encoder_attention_mask",
     "added_cond_kwargs",
+    "guidance",  # FLUX
+    "img_ids",
+    "txt_ids",
 )
+_UNBATCHED = ("img_ids", "txt_ids")  # FLUX's position ids: one per token, shared by all rows
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,12 @@ def is_pixart(model: torch.nn.Module) -> bool:
     return isinstance(model, PixArtTransformer2DModel)
 
 
+def is_flux(model: torch.nn.Module) -> bool:
+    from diffusers import FluxTransformer2DModel
+
+    return isinstance(model, FluxTransformer2DModel)
+
+
 def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     """The same transformer class and config, on the ``meta`` device (no weights)."""
     with torch.device("meta"):
@@ -77,6 +90,10 @@ def step_macs(
     model: torch.nn.Module, inputs: dict[str, Any], idx: Tensor | None = None, **kw: Any
 ) -> Macs:
     """MACs of one step of ``model`` on ``inputs`` (a dict of the forward's arguments)."""
+    if is_flux(model):
+        if idx is not None:
+            raise NotImplementedError("pruned FLUX steps are not counted: no FLUX CAT step yet")
+        return forward_macs(model, inputs)
     args = {k: inputs.get(k) for k in _STEP_ARGS}
     counted = count_step_macs(
         model,
@@ -90,6 +107,24 @@ def step_macs(
         **kw,
     )
     return Macs(float(counted["paper"]), float(counted["total"]))
+
+
+@torch.no_grad()
+def forward_macs(model: torch.nn.Module, inputs: dict[str, Any]) -> Macs:
+    """MACs of one unpruned call of ``model``'s own forward on ``inputs``, split as
+    :func:`catbatch.pruning.count_step_macs` does: ``paper`` (linear layers and patch
+    embedding) and ``total`` (every counted product, attention included)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from catbatch.pruning.counting import CONV_OPS, LINEAR_OPS
+
+    args = {k: v for k, v in inputs.items() if k in _STEP_ARGS and v is not None}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**args, return_dict=False)
+    flops = counter.get_flop_counts().get("Global", {})
+    paper = sum(n for op, n in flops.items() if op in LINEAR_OPS or op in CONV_OPS)
+    return Macs(float(paper // 2), float(sum(flops.values()) // 2))
 
 
 @dataclass(frozen=True)
@@ -227,7 +262,10 @@ class MacsCounter:
         rows = hidden.shape[0]
         per_image = rows // batch_size if rows % batch_size == 0 else rows
         full, pruned = steps if steps is not None else schedule(self.calls, pruning)
-        inputs = {k: _per_image(v, rows, per_image) for k, v in self.first_inputs.items()}
+        inputs = {
+            k: v if k in _UNBATCHED else _per_image(v, rows, per_image)
+            for k, v in self.first_inputs.items()
+        }
         shared = per_image == rows and batch_size > 1  # odd layout: share the rows evenly
         config = None if pruning is None else pruning.to_dict()
         key = json.dumps(
@@ -313,17 +351,19 @@ def cost_usd(gpu_seconds: float, price_per_gpu_hour: float | None) -> float | No
     return None if price_per_gpu_hour is None else gpu_seconds / 3600.0 * price_per_gpu_hour
 
 
-def prompt_limits(pipe: Any) -> list[tuple[Any, int]]:
+def prompt_limits(pipe: Any, max_sequence_length: int | None = None) -> list[tuple[Any, int]]:
     """``(tokenizer, token limit)`` of each text encoder of ``pipe``.
 
-    CLIP tokenizers: their ``model_max_length`` (77). T5 tokenizers: the pipeline call's default
-    ``max_sequence_length`` (SD3: 256, PixArt-Sigma: 300), which is what the worker uses.
+    CLIP tokenizers: their ``model_max_length`` (77). T5 tokenizers: ``max_sequence_length``,
+    else the pipeline call's default (SD3: 256, PixArt-Sigma: 300, FLUX: 512), as the worker.
     """
-    try:
-        params = inspect.signature(type(pipe).__call__).parameters
-        max_seq = params["max_sequence_length"].default
-    except (KeyError, TypeError, ValueError):
-        max_seq = None
+    max_seq = max_sequence_length
+    if max_seq is None:
+        try:
+            params = inspect.signature(type(pipe).__call__).parameters
+            max_seq = params["max_sequence_length"].default
+        except (KeyError, TypeError, ValueError):
+            max_seq = None
     limits = []
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tok = getattr(pipe, name, None)

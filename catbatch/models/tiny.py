@@ -7,6 +7,9 @@ Presets (same pipeline classes and component layouts as the real models, tiny wi
 - ``tiny-sd35``: as ``tiny-sd3`` with SD3.5's ``qk_norm="rms_norm"`` and dual-attention blocks.
 - ``tiny-pixart``: PixArtSigmaPipeline (PixArtTransformer2DModel with learned sigma, T5 encoder,
   4-channel VAE, DPMSolverMultistepScheduler).
+- ``tiny-flux``: FluxPipeline (FluxTransformer2DModel with guidance embedding, two double-stream
+  and two single-stream blocks, a CLIP text encoder for the pooled embedding, a T5 encoder,
+  16-channel VAE, FlowMatchEulerDiscreteScheduler with FLUX.1-dev's resolution-dependent shift).
 
 Trained presets ship with the package as diffusers pipeline folders under ``models/data`` and are
 loaded from there (no cache, no build):
@@ -36,13 +39,21 @@ from diffusers import (
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     PixArtSigmaPipeline,
     PixArtTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from packaging.version import Version
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
 
 from catbatch.models.loader import pipeline_call_kwargs  # noqa: F401  (re-exported)
 from catbatch.models.tokenizers import (
@@ -55,7 +66,7 @@ from catbatch.models.tokenizers import (
 )
 
 PRESET_VERSION = 2
-PRESETS: tuple[str, ...] = ("tiny-sd3", "tiny-sd35", "tiny-pixart")  # random weights, built
+PRESETS: tuple[str, ...] = ("tiny-sd3", "tiny-sd35", "tiny-pixart", "tiny-flux")  # random, built
 SHIPPED_DIR = Path(__file__).resolve().parent / "data"
 SHIPPED_PRESETS: tuple[str, ...] = ("catbatch-shapes",)  # trained, shipped in the package
 CACHE_ENV = "CATBATCH_CACHE"
@@ -98,7 +109,8 @@ def _seeded(name: str, component: str, seed: int, factory: Callable[[], Any]) ->
         return factory()
 
 
-def _clip_text_encoder() -> CLIPTextModelWithProjection:
+def _clip_text_encoder(projection: bool = True) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """SD3's CLIPs have a text projection; FLUX's CLIP is a plain ``CLIPTextModel`` (pooled)."""
     config = CLIPTextConfig(
         vocab_size=CLIP_VOCAB_SIZE,
         hidden_size=CLIP_HIDDEN,
@@ -112,7 +124,7 @@ def _clip_text_encoder() -> CLIPTextModelWithProjection:
         eos_token_id=49407,
         pad_token_id=49407,
     )
-    return CLIPTextModelWithProjection(config).eval()
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
 def _t5_encoder(vocab_size: int) -> T5EncoderModel:
@@ -234,6 +246,53 @@ def _build_pixart(name: str, seed: int) -> PixArtSigmaPipeline:
     )
 
 
+def _build_flux(name: str, seed: int) -> FluxPipeline:
+    def transformer() -> FluxTransformer2DModel:
+        return FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,  # 16 latent channels packed in 2x2 patches by the pipeline
+            num_layers=NUM_LAYERS,  # double-stream blocks
+            num_single_layers=NUM_LAYERS,
+            attention_head_dim=HEAD_DIM,
+            num_attention_heads=HEADS,
+            joint_attention_dim=T5_D_MODEL,
+            pooled_projection_dim=CLIP_HIDDEN,
+            guidance_embeds=True,  # as FLUX.1-dev: guidance is an input, not CFG
+            axes_dims_rope=(8, 12, 12),  # sums to the head dimension, as (16, 56, 56) to 128
+        ).eval()
+
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's published scheduler settings
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    tokenizer_2 = build_t5_tokenizer()
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=_seeded(
+            name,
+            "vae",
+            seed,
+            lambda: _vae(
+                16,
+                scaling_factor=0.3611,
+                shift_factor=0.1159,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+            ),
+        ),
+        text_encoder=_seeded(name, "text_encoder", seed, lambda: _clip_text_encoder(False)),
+        tokenizer=build_clip_tokenizer(),
+        text_encoder_2=_seeded(name, "text_encoder_2", seed, lambda: _t5_encoder(len(tokenizer_2))),
+        tokenizer_2=tokenizer_2,
+        transformer=_seeded(name, "transformer", seed, transformer),
+    )
+
+
 def build_tiny_pipeline(name: str, seed: int = 0) -> DiffusionPipeline:
     """A fresh fp32 CPU pipeline for a preset; the same ``(name, seed)`` gives equal weights.
 
@@ -244,6 +303,8 @@ def build_tiny_pipeline(name: str, seed: int = 0) -> DiffusionPipeline:
         return _from_pretrained(shipped_dir(name), torch.float32)
     if name == "tiny-pixart":
         return _build_pixart(name, seed)
+    if name == "tiny-flux":
+        return _build_flux(name, seed)
     return _build_sd3(name, seed, sd35=name == "tiny-sd35")
 
 
