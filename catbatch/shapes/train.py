@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -337,6 +338,15 @@ def fit_steps(plan: Plan, step: int, seconds: float, per_step: dict[int, float])
     return total
 
 
+def refit(plan: Plan, target: int, step: int, seconds: float, per_step: dict[int, float]) -> int:
+    """:func:`fit_steps` of the plan at ``target`` steps, without ever going back from 128 px
+    to 64 px: once the high-resolution stage began, the plan only shortens."""
+    fitted = fit_steps(dataclasses.replace(plan, steps=target), step, seconds, per_step)
+    if plan.stage(step)[0] == IMAGE_SIZE:
+        return min(fitted, plan.steps)
+    return fitted
+
+
 class Clock:
     """The time budget of a run: how long is left for training steps, and the pace per image
     size (calibrated once, then scaled by the pace observed since)."""
@@ -399,6 +409,7 @@ def run(args: argparse.Namespace) -> int:
             f"{plan.high_batch}): {plan.steps} steps"
         )
     log(f"plan: {json.dumps(asdict(plan))}")
+    target = plan.steps  # a budgeted run shortens the plan when slower, up to this when faster
     state, checkpoint = trainer.state, Path(args.checkpoint)
     last_save = time.perf_counter()
     window, losses, window_start = 0, [], time.perf_counter()
@@ -436,9 +447,9 @@ def run(args: argparse.Namespace) -> int:
                 f"{point['s']:.0f} s"
             )
             evals = (plan.steps - state.step) // args.eval_every if args.eval_every else 0
-            fitted = fit_steps(plan, state.step, clock.left(evals), clock.per_step)
-            if fitted < plan.steps:
-                log(f"slower than planned: the plan now ends at step {fitted}")
+            fitted = refit(plan, target, state.step, clock.left(evals), clock.per_step)
+            if fitted != plan.steps:
+                log(f"at the pace so far, the plan now ends at step {fitted}")
                 plan.steps = fitted
             window, losses, window_start = 0, [], time.perf_counter()
         if args.eval_every and state.step % args.eval_every == 0:
