@@ -27,16 +27,25 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 WORK=$(mktemp -d)
+pack() {  # whatever training left, also when it failed: the export as a tar, the checkpoint in pieces
+    if [ -d "$WORK/catbatch-shapes" ] && [ ! -f "$OUT/catbatch-shapes.tar" ]; then
+        tar -C "$WORK" -cf "$OUT/catbatch-shapes.tar" catbatch-shapes
+    fi
+    if [ -f "$WORK/catbatch-shapes.pt" ] && ! compgen -G "$OUT/catbatch-shapes.pt.part-*" > /dev/null; then
+        split -b 15m "$WORK/catbatch-shapes.pt" "$OUT/catbatch-shapes.pt.part-"
+    fi
+}
+trap pack EXIT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2> /dev/null || true
 
 python3 -m catbatch.shapes.train --device "$DEVICE" --dtype "$DTYPE" --steps auto \
     --time-budget "$BUDGET" --reserve 15 --batch "$BATCH" --high-batch "$HIGH_BATCH" \
     --high-from 0.85 --lr 8e-4 --final-lr 8e-5 --warmup 500 --ema 0.999 --log-every "${LOG_EVERY:-250}" \
     --eval-every "$EVAL_EVERY" --eval-count "$EVAL_COUNT" --preview "$OUT/preview.png" \
-    --checkpoint "$WORK/catbatch-shapes.pt" --out "$WORK/catbatch-shapes" 2>&1 | tee "$OUT/train.log"
+    --checkpoint-every 120 --checkpoint "$WORK/catbatch-shapes.pt" --out "$WORK/catbatch-shapes" \
+    2>&1 | tee "$OUT/train.log"
+pack
 
-tar -C "$WORK" -cf "$OUT/catbatch-shapes.tar" catbatch-shapes
-split -b 15m "$WORK/catbatch-shapes.pt" "$OUT/catbatch-shapes.pt.part-"
 python3 -m catbatch.shapes.evaluate --model "$WORK/catbatch-shapes" --device "$DEVICE" \
     --workers 1 --count "$FINAL_COUNT" --batch 250 --grid "$OUT/grid.png" 2>&1 | tee "$OUT/eval.log"
 ls -l "$OUT"
