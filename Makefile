@@ -1,4 +1,5 @@
-# Two entry points for a fresh machine (Python 3.11, no GPU): `make demo` and `make test`.
+# Two entry points for a fresh machine (Python 3.11, no GPU): `make demo` (the run, then its
+# report in out/demo/report) and `make test`.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,6 +19,7 @@ install: $(BIN)/.installed
 
 demo: install
 	$(BIN)/catbatch submit manifests/demo.yaml
+	$(BIN)/catbatch report out/demo
 
 test: install
 	$(BIN)/ruff check catbatch tests bench jobs

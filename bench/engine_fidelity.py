@@ -304,9 +304,12 @@ def shapes_main(args: argparse.Namespace) -> int:
     variants: list[tuple[str, str | None, float]] = [("unpruned", None, 1.0)]
     variants += [(s, s, args.alpha) for s in args.strategies]
     variants += [(f"cat a={a}", "cat", a) for a in SHAPES_SWEEP if a != args.alpha]
+    from catbatch.shapes.model import IMAGE_SIZE, image_tokens
+
     print(
-        f"catbatch-shapes (trained SD3 architecture, 64x64, 64 image tokens); {len(captions)} "
-        f"held-out captions, seeds 1000+i; {steps} steps; guidance {args.guidance}; fp32 CPU, "
+        f"catbatch-shapes (trained SD3 architecture, {IMAGE_SIZE}x{IMAGE_SIZE}, "
+        f"{image_tokens()} image tokens + 33 text tokens); {len(captions)} held-out captions, "
+        f"seeds 1000+i; {steps} steps; guidance {args.guidance}; fp32 CPU, "
         f"{args.workers} worker processes x 1 thread",
         flush=True,
     )

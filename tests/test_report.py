@@ -382,7 +382,7 @@ def run_dir(tmp_path: Path) -> Path:
 
 def test_every_number_matches_the_rows(run_dir: Path):
     _, files = make_report(str(run_dir), options=ReportOptions(bootstrap=300, seed=7))
-    assert set(files) == {"report.json", "report.md", "card.md", "report.html"}
+    assert set(files) == {"report.json", "report.md", "card.md", "report.html", "pairs.png"}
     report = read_report(run_dir / "report")
     check_report(run_dir, report, "full", 300, 7)
     assert report["partial"] is False and report["notes"] == []
@@ -705,3 +705,18 @@ def test_variant_without_committed_shards(tmp_path: Path):
     make_report(str(out))
     report = read_report(out / "report")
     assert report["baseline"] is None and any("no variant without" in n for n in report["notes"])
+
+
+def test_pairs_png_has_a_row_per_variant(run_dir: Path):
+    report, files = make_report(str(run_dir), options=ReportOptions(bootstrap=10, pairs=3))
+    sheet = np.asarray(Image.open(files["pairs.png"]).convert("RGB"))
+    rows = report.grid
+    assert len(rows) == 3 and sheet.shape[0] == 2 * (SIZE + 4)  # full, then cat
+    label = sheet.shape[1] - 3 * (SIZE + 4)
+    first = (rows[0].sample_id, rows[0].image_index)
+    assert first == ("s000", 0)  # the baseline's first sample: identical in both variants
+    tile = sheet[:SIZE, label : label + SIZE]
+    assert np.array_equal(tile, base_image(0, 0))
+    assert np.array_equal(sheet[SIZE + 4 : 2 * SIZE + 4, label : label + SIZE], base_image(0, 0))
+    second = sheet[:SIZE, label + SIZE + 4 : label + 2 * SIZE + 4]
+    assert np.array_equal(second, base_image(int(rows[1].sample_id[1:]), rows[1].image_index))

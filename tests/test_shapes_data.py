@@ -93,3 +93,73 @@ def test_clutter_of_palette_colours_scores_low():
     assert (
         summary([check(im, c) for im, c in zip(blocks, captions, strict=True)])["adherence"] < 0.1
     )
+
+
+# -- training batches made on a torch device (catbatch.shapes.batch) ---------------------------
+
+
+def _batch(seed: int, n: int, max_shapes: int = 3):
+    import torch
+
+    from catbatch.shapes.batch import sample
+
+    return sample(torch.Generator().manual_seed(seed), n, max_shapes)
+
+
+def test_sampled_batches_follow_the_scene_distribution():
+    from catbatch.shapes.batch import to_scenes
+
+    items = to_scenes(_batch(0, 600))
+    assert {len(s.shapes) for s in items} == {1, 2, 3}
+    assert all(len({x.position for x in s.shapes}) == len(s.shapes) for s in items)
+    for s in items:
+        for x in s.shapes:
+            lo, hi = (4, 5) if x.size == "small" else (8, 9)
+            assert lo <= x.half <= hi and abs(x.dx) <= 1 and abs(x.dy) <= 1
+    assert {len(s.shapes) for s in to_scenes(_batch(1, 200, max_shapes=1))} == {1}
+    assert {s.background for s in items} == set(BACKGROUNDS)
+    assert {x.kind for s in items for x in s.shapes} == set(SHAPES)
+    assert {x.colour for s in items for x in s.shapes} == set(COLOURS)
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_drawn_batches_match_the_pil_renderer(size):
+    from catbatch.shapes.batch import draw, to_scenes
+
+    batch = _batch(2, 60)
+    ours = (draw(batch, size).permute(0, 2, 3, 1) * 255).round().byte().numpy()
+    items = to_scenes(batch)
+    pil = np.stack([np.asarray(render(s, size)) for s in items])
+    diff = np.abs(ours.astype(int) - pil)
+    assert diff.mean() < 0.05 and (diff.max(-1) > 0).mean() < 0.01, (diff.mean(), diff.max())
+    for mine, theirs, s in zip(ours, pil, items, strict=True):  # the checker sees the same
+        assert check(mine, caption(s)).facts == check(theirs, caption(s)).facts, caption(s)
+
+
+def test_token_ids_equal_the_tokenizer_on_captions():
+    import torch
+
+    from catbatch.shapes.batch import to_scenes, token_ids
+    from catbatch.shapes.model import TEXT_LENGTH, WORDS, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    assert all(len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1 for w in WORDS)
+    batch = _batch(3, 200)
+    drop = torch.arange(200) % 7 == 0
+    texts = ["" if d else caption(s) for s, d in zip(to_scenes(batch), drop.tolist(), strict=True)]
+    expected = tokenizer(texts, padding="max_length", max_length=TEXT_LENGTH, truncation=True)
+    assert token_ids(batch, tokenizer, drop).tolist() == expected["input_ids"]
+    # any other text still tokenizes (bytes), as CLIP's BPE does
+    assert len(tokenizer("a zebra")["input_ids"]) > 4
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    import torch
+
+    from catbatch.shapes.batch import sample, step_seed
+
+    def at(step: int):
+        return sample(torch.Generator().manual_seed(step_seed(0, step)), 8).kind
+
+    assert torch.equal(at(5), at(5)) and not torch.equal(at(5), at(6))
+    assert step_seed(0, 5) != step_seed(1, 5)

@@ -107,11 +107,13 @@ class ClipSpec(_Strict):
 
 
 class MetricsSpec(_Strict):
-    """Per-sample metrics: CLIP score, price per GPU-hour (one number or by device name), MACs."""
+    """Per-sample metrics: CLIP score, price per GPU-hour (one number or by device name), MACs,
+    and prompt adherence by a checker of a known caption domain (off by default)."""
 
     clip: ClipSpec = ClipSpec()
     price_per_gpu_hour: float | dict[str, float] | None = None
     macs: bool = True
+    adherence: Literal["shapes"] | None = None  # catbatch.metrics.adherence
 
     @field_validator("price_per_gpu_hour", mode="before")
     @classmethod

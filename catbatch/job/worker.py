@@ -39,6 +39,7 @@ from catbatch.job.prompts import Prompt
 from catbatch.job.seeds import image_generator, image_seed
 from catbatch.job.sharding import Task
 from catbatch.job.writer import Row, ShardStats, write_shard
+from catbatch.metrics import adherence
 from catbatch.metrics import rows as metrics
 from catbatch.metrics.clipscore import ClipScorer, ClipSetup, clip_setup
 from catbatch.models.families import family_of
@@ -263,10 +264,11 @@ class Worker:
             err = error
             if img is not None and not finite[n]:
                 img, err = None, "non-finite pixel values (NaN or inf) in the pipeline output"
-            png = None if img is None else encode_png(_to_uint8(img))
-            extra = (
-                {} if img is None else {**per_row, **self._sample_metrics(it, scores[n], settings)}
-            )
+            pixels = None if img is None else _to_uint8(img)
+            png = None if pixels is None else encode_png(pixels)
+            extra = {}
+            if pixels is not None:
+                extra = {**per_row, **self._sample_metrics(it, scores[n], settings, pixels)}
             rows.append(
                 self._row(it, task, settings, png, batch_id, len(batch), latency, err, **extra)
             )
@@ -364,6 +366,7 @@ class Worker:
         self.clip_setup: ClipSetup = clip_setup(
             model, spec.clip.pretrained, weights, spec.clip.enabled
         )
+        self.adherence = adherence.scorer(spec.adherence)
         self.clip: ClipScorer | None = None
         if self.clip_setup.available:
             try:
@@ -383,6 +386,7 @@ class Worker:
         return {
             "clip": clip,
             "macs": "counted" if self.macs_counter else "disabled",
+            "adherence": self.manifest.metrics.adherence,
             "devices_held": self.devices_held,
             "price_per_gpu_hour": self.price,
             "notes": list(self.notes),
@@ -443,15 +447,23 @@ class Worker:
             self._note(f"MACs not counted ({type(e).__name__}: {e})")
             return None
 
-    def _sample_metrics(self, it: Item, score: float | None, settings: Sampling) -> dict[str, Any]:
+    def _sample_metrics(
+        self, it: Item, score: float | None, settings: Sampling, pixels: np.ndarray
+    ) -> dict[str, Any]:
         length = settings.max_sequence_length
         if length not in self._prompt_limits:
             self._prompt_limits[length] = metrics.prompt_limits(self.pipe, length)
-        return {
+        out = {
             "clip_score": score,
             "clip_model": None if score is None else self.clip_setup.label,
             "prompt_truncated": metrics.is_truncated(it.prompt.prompt, self._prompt_limits[length]),
         }
+        if self.adherence is not None:
+            try:
+                out.update(self.adherence(pixels, it.prompt.prompt))
+            except Exception as e:  # noqa: BLE001 - a checker failure leaves the columns empty
+                self._note(f"adherence not checked ({type(e).__name__}: {e})")
+        return out
 
 
 def _free_memory() -> None:

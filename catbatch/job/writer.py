@@ -73,6 +73,17 @@ SCHEMA = pa.schema(
             pa.bool_(),
             "prompt longer than a text encoder's limit (CLIP 77 tokens, T5 max_sequence_length)",
         ),
+        # metrics.adherence (catbatch.metrics.adherence); empty when off
+        _described(
+            "adherence_facts_met", pa.int32(), "stated shape/colour/position facts that hold"
+        ),
+        _described("adherence_facts_stated", pa.int32(), "shape/colour/position facts stated"),
+        _described(
+            "adherence_unstated_shapes",
+            pa.int32(),
+            "shapes drawn that the caption does not state (each: as many failed facts)",
+        ),
+        _described("adherence_background", pa.bool_(), "the stated background colour holds"),
     ]
 )
 
@@ -138,6 +149,10 @@ class Row:
     clip_score: float | None = None
     clip_model: str | None = None
     prompt_truncated: bool = False
+    adherence_facts_met: int | None = None
+    adherence_facts_stated: int | None = None
+    adherence_unstated_shapes: int | None = None
+    adherence_background: bool | None = None
 
 
 @dataclass

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from catbatch.models.loader import pipeline_call_kwargs
 from catbatch.pruning import CATConfig, count_step_macs
 
 # Arguments of the transformer forward that the counting path takes.
@@ -354,8 +355,10 @@ def cost_usd(gpu_seconds: float, price_per_gpu_hour: float | None) -> float | No
 def prompt_limits(pipe: Any, max_sequence_length: int | None = None) -> list[tuple[Any, int]]:
     """``(tokenizer, token limit)`` of each text encoder of ``pipe``.
 
-    CLIP tokenizers: their ``model_max_length`` (77). T5 tokenizers: ``max_sequence_length``,
-    else the pipeline call's default (SD3: 256, PixArt-Sigma: 300, FLUX: 512), as the worker.
+    CLIP tokenizers: their ``model_max_length`` (77). T5 tokenizers: ``max_sequence_length``
+    (the manifest's), else the one :func:`pipeline_call_kwargs` sets, else the call's default
+    (SD3: 256, PixArt-Sigma: 300, FLUX: 512), as the worker calls it; a length of 1 holds only
+    the end token, so that T5 reads no prompt (``catbatch-shapes``' zero stand-in) and is left out.
     """
     max_seq = max_sequence_length
     if max_seq is None:
@@ -364,13 +367,15 @@ def prompt_limits(pipe: Any, max_sequence_length: int | None = None) -> list[tup
             max_seq = params["max_sequence_length"].default
         except (KeyError, TypeError, ValueError):
             max_seq = None
+        max_seq = pipeline_call_kwargs(pipe).get("max_sequence_length", max_seq)
     limits = []
     for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
         tok = getattr(pipe, name, None)
         if tok is None:
             continue
         if "T5" in type(tok).__name__ and isinstance(max_seq, int):
-            limits.append((tok, max_seq))
+            if max_seq > 1:
+                limits.append((tok, max_seq))
         elif 0 < getattr(tok, "model_max_length", 0) < 100_000:
             limits.append((tok, int(tok.model_max_length)))
     return limits

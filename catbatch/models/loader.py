@@ -155,13 +155,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
+SD3_T5_LENGTH = 256  # StableDiffusion3Pipeline's default max_sequence_length
+
+
 def pipeline_call_kwargs(pipe: Any) -> dict[str, Any]:
-    """Extra call kwargs a caller must pass for this pipeline class (empty for SD3).
+    """Extra call kwargs a caller must pass for this pipeline (usually none for SD3).
 
     PixArt: resolution binning would snap the requested size to the aspect-ratio table of the
     real model, and caption cleaning needs bs4/ftfy; both are turned off so the image has the
     size asked for and prompts go to the tokenizer as given.
+    SD3 / SD3.5: a T5 tokenizer whose ``model_max_length`` is below the pipeline's default
+    T5 length (256) sets ``max_sequence_length`` to it (``catbatch-shapes``: 1, one zero token);
+    real models' T5 tokenizers declare 512 and keep the default.
     """
-    if type(pipe).__name__.startswith("PixArt"):
+    name = type(pipe).__name__
+    if name.startswith("PixArt"):
         return {"use_resolution_binning": False, "clean_caption": False}
+    t5 = getattr(pipe, "tokenizer_3", None)
+    limit = getattr(t5, "model_max_length", None)
+    if name.startswith("StableDiffusion3") and isinstance(limit, int) and limit < SD3_T5_LENGTH:
+        return {"max_sequence_length": limit}
     return {}

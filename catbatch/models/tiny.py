@@ -15,11 +15,14 @@ Trained presets ship with the package as diffusers pipeline folders under ``mode
 loaded from there (no cache, no build):
 
 - ``catbatch-shapes``: a StableDiffusion3Pipeline trained on :mod:`catbatch.shapes` scenes
-  (64x64 images of circles, squares and triangles); see ``python -m catbatch.shapes.train``.
+  (128x128 images of circles, squares and triangles, 1024 image tokens; called with
+  ``max_sequence_length=1``, see :mod:`catbatch.shapes.model`); ``python -m
+  catbatch.shapes.train`` trains it.
 
 Weights depend only on ``(name, seed)``: every component is built under its own seed inside
 ``torch.random.fork_rng``, so the caller's global RNG is left untouched. Bump ``PRESET_VERSION``
-whenever a config or the tokenizers change, so stale caches are not reused.
+whenever a config or the tokenizers change, so stale caches are not reused, and whenever a
+shipped preset's weights change (it is the presets' revision in a run's fingerprint).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from catbatch.models.tokenizers import (
     build_t5_tokenizer,
 )
 
-PRESET_VERSION = 2
+PRESET_VERSION = 3  # 3: catbatch-shapes at 128 px
 PRESETS: tuple[str, ...] = ("tiny-sd3", "tiny-sd35", "tiny-pixart", "tiny-flux")  # random, built
 SHIPPED_DIR = Path(__file__).resolve().parent / "data"
 SHIPPED_PRESETS: tuple[str, ...] = ("catbatch-shapes",)  # trained, shipped in the package

@@ -4,8 +4,9 @@
     report, files = make_report("out/run", options=ReportOptions(baseline="full"))
 
 Reads a run's output (local path or any fsspec URL) and writes ``report.json``, ``report.md``,
-``card.md`` (dataset card) and ``report.html`` (self-contained) to ``out`` (default
-``OUTPUT/report``). Works on partial runs and says so.
+``card.md`` (dataset card), ``report.html`` (self-contained) and ``pairs.png`` (the HTML page's
+paired images: a row per variant) to ``out`` (default ``OUTPUT/report``). Works on partial runs
+and says so.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from catbatch.job.layout import OutputLayout
 from catbatch.report.aggregate import Report, ReportError, ReportOptions, build, to_json
 from catbatch.report.card import render_card
 from catbatch.report.load import load_run
+from catbatch.report.pairs import pairs_png
 from catbatch.report.render_html import render_html
 from catbatch.report.render_md import render_markdown
 
@@ -29,15 +31,18 @@ def make_report(
     report = build(run, options or ReportOptions())
     sample_row = next((r for vd in run.variants.values() for r in vd.rows), {})
     target = OutputLayout(out or f"{output.rstrip('/')}/report")
-    files = {
+    files: dict[str, str | bytes | None] = {
         "report.json": to_json(report),
         "report.md": render_markdown(report.data),
         "card.md": render_card(report.data, run.record, sample_row),
         "report.html": render_html(report),
+        "pairs.png": pairs_png(report.grid, report.data["variants_order"]),
     }
     written = {}
-    for name, text in files.items():
+    for name, content in files.items():
+        if content is None:
+            continue
         path = target.path(name)
-        target.write_bytes(path, text.encode("utf-8"))
+        target.write_bytes(path, content.encode("utf-8") if isinstance(content, str) else content)
         written[name] = target.display(path)
     return report, written

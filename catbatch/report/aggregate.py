@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from catbatch.metrics import adherence
 from catbatch.report.load import METRIC_COLUMNS, RunData, VariantData
 from catbatch.report.pairs import GridRow, ShardCache, fidelity, fill_grid, grid_rows
 
@@ -38,6 +39,12 @@ DEFINITIONS = {
         "mean ``clip_score`` of ok rows with a score; 95% percentile bootstrap of the "
         "mean: ``rng = numpy.random.default_rng(seed)``, ``idx = rng.integers(0, n, "
         "(resamples, n))``, ``numpy.percentile(scores[idx].mean(1), [2.5, 97.5])``."
+    ),
+    "adherence": (
+        "with ``metrics.adherence``: the sum of ``adherence_facts_met`` over the sum of facts "
+        "counted (``adherence_facts_stated`` + 3 x ``adherence_unstated_shapes``) over ok rows "
+        "that carry them; 95% percentile bootstrap of that ratio, resampling rows as for CLIP; "
+        "``background``: share of those rows whose stated background holds."
     ),
     "speed-up": (
         "baseline mean latency / variant mean latency; MACs ratio: variant mean MACs / "
@@ -94,6 +101,20 @@ def bootstrap_ci(
     idx = np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))
     tail = (1.0 - confidence) / 2 * 100
     lo, hi = np.percentile(x[idx].mean(1), [tail, 100 - tail])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_ratio_ci(
+    num: np.ndarray, den: np.ndarray, resamples: int, seed: int, confidence: float = 0.95
+) -> list[float] | None:
+    """Percentile bootstrap interval of ``sum(num) / sum(den)``, resampling rows as
+    :func:`bootstrap_ci` does."""
+    if not len(num) or resamples < 1:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(num), (resamples, len(num)))
+    tail = (1.0 - confidence) / 2 * 100
+    ratios = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-12)
+    lo, hi = np.percentile(ratios, [tail, 100 - tail])
     return [float(lo), float(hi)]
 
 
@@ -193,6 +214,7 @@ def aggregate_variant(vd: VariantData, opts: ReportOptions) -> dict[str, Any]:
             else None
         ),
     }
+    out["adherence"] = _adherence(ok, opts)
     if clip:
         out["clip"] = {
             "n": len(clip),
@@ -201,6 +223,25 @@ def aggregate_variant(vd: VariantData, opts: ReportOptions) -> dict[str, Any]:
             "models": sorted({r["clip_model"] for r in ok if r.get("clip_model")}),
         }
     return out
+
+
+def _adherence(ok: list[dict], opts: ReportOptions) -> dict[str, Any] | None:
+    rows = [r for r in ok if r.get("adherence_facts_stated") is not None]
+    if not rows:
+        return None
+    met, total = adherence.counted(rows)
+    backgrounds = [
+        bool(r["adherence_background"]) for r in rows if r.get("adherence_background") is not None
+    ]
+    return {
+        "n": len(rows),
+        "mean": adherence.adherence(rows),
+        "ci95": bootstrap_ratio_ci(met, total, opts.bootstrap, opts.seed),
+        "facts_met": int(met.sum()),
+        "facts_counted": int(total.sum()),
+        "unstated_shapes_per_image": float(np.mean([r["adherence_unstated_shapes"] for r in rows])),
+        "background": float(np.mean(backgrounds)) if backgrounds else None,
+    }
 
 
 _METRIC_NAMES = tuple(c for c in METRIC_COLUMNS if c != "clip_model")

@@ -23,9 +23,11 @@ def num(value: float | None, digits: int = 2, suffix: str = "") -> str:
 
 
 def table2(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The header and rows of the paper-style comparison table (one row per variant)."""
+    """The header and rows of the paper-style comparison table (one row per variant); with
+    ``metrics.adherence`` rows, an adherence column beside CLIP."""
     variants = data["variants"]
     scale, unit = macs_unit([_macs(v) for v in variants.values()])
+    with_adherence = any(v.get("adherence") for v in variants.values())
     header = [
         "Variant",
         "Pruning",
@@ -34,6 +36,7 @@ def table2(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         "Speed-up ↑",
         "Latency p50 / p95 (s)",
         "CLIP ↑ (95% CI)",
+        *(["Adherence ↑ (95% CI)"] if with_adherence else []),
         "PSNR ↑ (dB)",
         "SSIM ↑",
     ]
@@ -54,6 +57,7 @@ def table2(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 num(vs.get("speedup"), 2, "×"),
                 f"{num(lat['p50'], 3)} / {num(lat['p95'], 3)}",
                 _clip(clip),
+                *([_adherence(v.get("adherence"))] if with_adherence else []),
                 _psnr(fid) if name != data["baseline"] else DASH,
                 num(fid.get("ssim_mean"), 4) if name != data["baseline"] else DASH,
             ]
@@ -71,6 +75,14 @@ def _clip(clip: dict[str, Any] | None) -> str:
         return DASH
     ci = clip.get("ci95")
     return f"{clip['mean']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def _adherence(adh: dict[str, Any] | None) -> str:
+    """Percent of stated facts that hold, with its interval."""
+    if not adh or adh.get("mean") is None:
+        return DASH
+    ci = adh.get("ci95")
+    return f"{100 * adh['mean']:.1f}%" + (f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "")
 
 
 def _psnr(fid: dict[str, Any]) -> str:

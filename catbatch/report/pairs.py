@@ -1,5 +1,6 @@
 """Paired images: PSNR/SSIM of each variant image against the baseline image of the same
-sample and seed, and the image grid of the HTML page (thumbnails as ``data:`` URIs)."""
+sample and seed, the image grid of the HTML page (thumbnails as ``data:`` URIs) and the same
+grid as one PNG (:func:`pairs_png`)."""
 
 from __future__ import annotations
 
@@ -161,3 +162,33 @@ def fill_grid(run: RunData, grid: dict[Key, GridRow], cache: ShardCache, thumb_p
             shard = vd.key_shard.get(k)
             png = cache.get(name, shard).get(k) if shard else None
             row.images[name] = thumbnail_uri(png, thumb_px) if png else None
+
+
+def pairs_png(grid: list[GridRow], names: list[str], gap: int = 4) -> bytes | None:
+    """The grid as one PNG: a row per variant (in ``names`` order, labelled), a column per
+    sample, white where an image is missing; None when the grid holds no image."""
+    from PIL import ImageDraw
+
+    tiles = {
+        (i, name): decode(base64.b64decode(uri.split(",", 1)[1]))
+        for i, row in enumerate(grid)
+        for name, uri in row.images.items()
+        if uri and name in names
+    }
+    if not tiles:
+        return None
+    h = max(t.shape[0] for t in tiles.values())
+    w = max(t.shape[1] for t in tiles.values())
+    label = 8 + 7 * max(len(n) for n in names)
+    sheet = Image.new("RGB", (label + len(grid) * (w + gap), len(names) * (h + gap)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, name in enumerate(names):
+        y = r * (h + gap)
+        draw.text((4, y + h // 2 - 5), name, fill="black")
+        for c in range(len(grid)):
+            tile = tiles.get((c, name))
+            if tile is not None:
+                sheet.paste(Image.fromarray(tile), (label + c * (w + gap), y))
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return buf.getvalue()

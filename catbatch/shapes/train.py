@@ -1,458 +1,518 @@
-"""Train the ``catbatch-shapes`` models from a seed: VAE, SD3 transformer (rectified flow), CLIP.
+"""Train the ``catbatch-shapes`` pipeline (rectified flow), resumably, on a CPU or a GPU.
 
-    python -m catbatch.shapes.train --seed 0 --out DIR            # everything (about 40 min)
-    python -m catbatch.shapes.train --seed 0 --out DIR --stage clip
+    python -m catbatch.shapes.train --steps 20000 --out DIR                  # CPU, 1 thread
+    python -m catbatch.shapes.train --resume training/catbatch-shapes.pt --out DIR
+    python -m catbatch.shapes.train --device cuda --dtype bf16 --steps auto \\
+        --time-budget 360 --checkpoint CKPT --out DIR                        # a GPU (see scripts/)
 
-Writes ``DIR/catbatch-shapes`` (a StableDiffusion3Pipeline folder, fp16 safetensors) and
-``DIR/catbatch-shapes-clip`` (an open_clip config and weights), each with ``training.json`` (the
-settings and the loss curve). Training data is streamed from :mod:`catbatch.shapes.scenes` with
-string seeds ``train-<seed>-<stage>``; evaluation uses the disjoint seed ``heldout``.
+The plan (:class:`Plan`) fixes the whole schedule from the start: a curriculum of one shape per
+caption, then up to two, then three; most steps at 64 px (256 image tokens), the last ones at
+128 px (1024 tokens; the position embedding is relative, so layout carries over); the text
+encoders train from the first step. Every step's batch is a function of ``(seed, step)``
+(:func:`catbatch.shapes.batch.step_seed`): scenes, caption dropout, noise levels and noise.
 
-Model: 64x64 images; an ``AutoencoderKL`` with scale factor 4 and 4 latent channels; an
-``SD3Transformer2DModel`` on the 16x16 latent (patch 2: 64 image tokens); the two tiny frozen
-CLIP text encoders of the tiny presets (random, deterministic weights: the transformer learns
-from their token features); no T5 (``text_encoder_3=None``). With no T5 the pipeline appends
-``max_sequence_length`` (256) all-zero text tokens; 256 identical keys act exactly as one key
-whose attention logit is raised by ``log(256)``, so training uses one zero token and that bias
-(:func:`zero_token_bias`), 5x cheaper and numerically the same model. Torch uses one thread by
-default: on a shared 2-core machine two threads can be ten times slower.
+The checkpoint (one file, default ``training/catbatch-shapes.pt``, overwritten) holds the plan,
+the step, the weights and their EMA in fp16 and AdamW's moments in bf16 (fp16 would flush the
+second moments to zero): ``--resume`` continues with the next step's batch. ``--time-budget``
+stops early enough to write the checkpoint and export; ``--steps auto`` fits the plan to the
+budget from a few timed steps. ``--out DIR`` exports the EMA weights as the shipped pipeline
+folder. Imports only torch, diffusers, transformers, numpy, scipy and PIL (no Ray, no open_clip).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
+import dataclasses
 import json
 import math
-import random
+import os
 import time
-from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import diffusers
-import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
+import transformers
 
-from catbatch.models import tiny
-from catbatch.models.tokenizers import build_clip_tokenizer, build_t5_tokenizer
+from . import model as shapes_model
+from .batch import draw, sample, step_seed, token_ids
+from .model import IMAGE_SIZE, LOW_SIZE, SCHEDULER_SHIFT
 
-from .scenes import caption, render, scenes
-
-NAME = "catbatch-shapes"
-CLIP_NAME = "catbatch-shapes-clip"
-IMAGE_SIZE = 64
-LATENT_CHANNELS = 3
-VAE_FACTOR = 2
-PATCH = 4
-TEXT_LENGTH = 32  # CLIP tokens; the longest caption is 30
-ZERO_TOKENS = 256  # the pipeline's default max_sequence_length
-CAPTION_DROPOUT = 0.1
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
-CLIP_CONFIG = {
-    "embed_dim": 64,
-    "vision_cfg": {
-        "image_size": IMAGE_SIZE,
-        "layers": 2,
-        "width": 96,
-        "patch_size": 8,
-        "head_width": 32,
-    },
-    "text_cfg": {
-        "context_length": TEXT_LENGTH,
-        "vocab_size": 49408,
-        "width": 64,
-        "heads": 2,
-        "layers": 2,
-    },
-}
+CHECKPOINT = Path("training") / "catbatch-shapes.pt"
+CHECKPOINT_FORMAT = 1
+PROBE_SEED = 2_000_000_000  # the layout probe's batch: far from any training step's seed
 
 
 def log(message: str) -> None:
     print(message, flush=True)
 
 
-# -- components ------------------------------------------------------------------------------
-def build_vae() -> AutoencoderKL:
-    """An ``AutoencoderKL`` (scale factor 2, 3 latent channels) set by hand, not trained.
+@dataclass
+class Plan:
+    """The whole schedule; fractions are of ``steps``. Stored in the checkpoint."""
 
-    Encoder: 2x2 average pooling of the RGB image in [-1, 1] (log-variance -30, so sampling is
-    the mean). Decoder: nearest 2x upsampling smoothed by a [1, 2, 1] x [1, 2, 1] / 16 kernel.
-    Every resnet's second conv is zero (the block is the identity); the output group norms see a
-    group whose channels are ``r, g, b, -(r + g + b), K, -K``: its mean is exactly 0 and its
-    variance ``K^2 / 3`` up to ``O(1 / K^2)``, so norm, SiLU (shifted by ``OFFSET`` into its
-    linear range) and conv pass colours through. A learned VAE did not converge in the minutes a
-    2-core machine has for it; this one is exact and costs nothing.
-    """
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(6, 6),
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=1,
-        sample_size=IMAGE_SIZE,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        mid_block_add_attention=False,
-        scaling_factor=1.0,
-        shift_factor=0.0,
-    )
-    big, offset = 100.0, 20.0
-    smooth = torch.tensor([1.0, 2.0, 1.0])
-    with torch.no_grad():
-        for p in vae.parameters():
-            p.zero_()
-        for m in vae.modules():
-            if isinstance(m, torch.nn.GroupNorm):
-                m.weight.fill_(1.0)
+    seed: int = 0
+    steps: int = 20000
+    batch: int = 32  # at 64 px
+    high_batch: int = 16  # at 128 px
+    high_from: float = 0.85  # the last 15% of the steps at 128 px
+    two_shapes_from: float = 0.05  # curriculum: one shape per caption before this
+    three_shapes_from: float = 0.12
+    lr: float = 6e-4
+    final_lr: float = 6e-5  # cosine decay to this; equal to lr: constant after warm-up
+    warmup: int = 200
+    weight_decay: float = 0.01
+    ema: float = 0.999
+    caption_dropout: float = 0.1
+    uniform_t: float = 0.25  # share of noise levels uniform in (0, 1); the rest logit-normal
 
-        def lift(conv: torch.nn.Conv2d) -> None:  # rgb -> r, g, b, -(r+g+b), K, -K
-            for c in range(3):
-                conv.weight[c, c, 1, 1] = 1
-                conv.weight[3, c, 1, 1] = -1
-            conv.bias[4], conv.bias[5] = big, -big
+    def stage(self, step: int) -> tuple[int, int, int]:
+        """``(image size, batch, max shapes per caption)`` of 1-based ``step``."""
+        frac = (step - 1) / self.steps
+        shapes = 1 + (frac >= self.two_shapes_from) + (frac >= self.three_shapes_from)
+        if frac >= self.high_from:
+            return IMAGE_SIZE, self.high_batch, shapes
+        return LOW_SIZE, self.batch, shapes
 
-        def out(norm: torch.nn.GroupNorm, conv: torch.nn.Conv2d) -> None:
-            norm.weight.fill_(big / math.sqrt(3))
-            norm.bias.fill_(offset)
-            for c in range(3):
-                conv.weight[c, c, 1, 1] = 1
-                conv.bias[c] = -offset
-
-        enc, dec = vae.encoder, vae.decoder
-        lift(enc.conv_in)
-        for block in enc.down_blocks:
-            for down in block.downsamplers or []:
-                for c in range(6):
-                    down.conv.weight[c, c, :2, :2] = 0.25
-        out(enc.conv_norm_out, enc.conv_out)
-        enc.conv_out.bias[LATENT_CHANNELS:] = -30.0  # log-variance
-        lift(dec.conv_in)
-        for block in dec.up_blocks:
-            for up in block.upsamplers or []:
-                for c in range(6):
-                    up.conv.weight[c, c] = torch.outer(smooth, smooth) / 16
-        out(dec.conv_norm_out, dec.conv_out)
-    return vae.eval()
+    def lr_at(self, step: int) -> float:
+        if step <= self.warmup:
+            return self.lr * step / self.warmup
+        frac = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        return self.final_lr + (self.lr - self.final_lr) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def build_transformer() -> SD3Transformer2DModel:
-    return SD3Transformer2DModel(
-        sample_size=IMAGE_SIZE // VAE_FACTOR,
-        patch_size=PATCH,
-        in_channels=LATENT_CHANNELS,
-        out_channels=LATENT_CHANNELS,
-        num_layers=4,
-        attention_head_dim=32,
-        num_attention_heads=4,
-        joint_attention_dim=2 * tiny.CLIP_HIDDEN,
-        caption_projection_dim=128,
-        pooled_projection_dim=2 * tiny.CLIP_HIDDEN,
-        pos_embed_max_size=16,  # patches per side: up to 128px
-    )
+@dataclass
+class State:
+    """What a run carries from step to step (besides the weights)."""
+
+    step: int = 0
+    curve: list[dict] = field(default_factory=list)
+    evals: list[dict] = field(default_factory=list)
+    seconds: float = 0.0  # training seconds before this process (resumed runs)
 
 
-def build_pipeline(seed: int) -> StableDiffusion3Pipeline:
-    """The untrained pipeline: seeded components, frozen tiny text encoders, no T5."""
-
-    def tokenizer() -> Any:
-        tok = build_clip_tokenizer()
-        tok.model_max_length = TEXT_LENGTH
-        return tok
-
-    def seeded(component: str, factory: Any) -> Any:
-        return tiny._seeded(NAME, component, seed, factory)
-
-    return StableDiffusion3Pipeline(
-        transformer=seeded("transformer", build_transformer),
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0),
-        vae=seeded("vae", build_vae),
-        text_encoder=seeded("text_encoder", tiny._clip_text_encoder),
-        tokenizer=tokenizer(),
-        text_encoder_2=seeded("text_encoder_2", tiny._clip_text_encoder),
-        tokenizer_2=tokenizer(),
-        text_encoder_3=seeded("text_encoder_3", zero_t5),
-        tokenizer_3=build_t5_tokenizer(),
-    )
+# -- one step ---------------------------------------------------------------------------------
+def noise_levels(g: torch.Generator, n: int, size: int, uniform: float, device: str):
+    """Noise levels t in (0, 1): logit-normal (SD3) with a ``uniform`` share drawn uniformly;
+    at 128 px shifted by SD3's resolution shift (more tokens keep more signal at equal t)."""
+    logit_normal = torch.sigmoid(torch.randn(n, generator=g, device=device))
+    flat = torch.rand(n, generator=g, device=device)
+    t = torch.where(torch.rand(n, generator=g, device=device) < uniform, flat, logit_normal)
+    if size == IMAGE_SIZE:
+        t = SCHEDULER_SHIFT * t / (1 + (SCHEDULER_SHIFT - 1) * t)
+    return t.clamp(1e-4, 1.0)
 
 
-def zero_t5() -> Any:
-    """A tiny T5 whose output is exactly zero (final norm weight 0): the T5 slot stays filled,
-    so the folder loads with a plain ``from_pretrained``, and the text tokens it adds equal the
-    zeros SD3 uses when T5 is dropped. The model is conditioned on the CLIP encoders only."""
-    model = tiny._t5_encoder(len(build_t5_tokenizer()))
-    with torch.no_grad():
-        model.encoder.final_layer_norm.weight.zero_()
-    return model
-
-
-# -- data -------------------------------------------------------------------------------------
-def batches(seed: str, batch: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
-    """Endless ``(images (B, 3, 64, 64) in [0, 1], captions)`` from one string seed."""
-    stream = scenes(seed)  # type: ignore[arg-type]
-    while True:
-        items = [next(stream) for _ in range(batch)]
-        pixels = np.stack([np.asarray(render(s, IMAGE_SIZE)) for s in items])
-        yield (
-            torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255,
-            [caption(s) for s in items],
-        )
-
-
-@contextlib.contextmanager
-def zero_token_bias(tokens: int, copies: int = ZERO_TOKENS) -> Iterator[None]:
-    """Joint attention over ``tokens`` keys whose last one stands for ``copies`` equal keys."""
-    bias = torch.zeros(1, 1, 1, tokens)
-    bias[..., -1] = math.log(copies)
-    original = F.scaled_dot_product_attention
-
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, **kwargs):  # type: ignore[no-untyped-def]
-        if attn_mask is None and k.shape[-2] == tokens:
-            attn_mask = bias.to(q.dtype)
-        return original(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, **kwargs
-        )
-
-    F.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
+def make_batch(pipe: Any, plan: Plan, step: int, device: str) -> dict[str, torch.Tensor]:
+    """The batch of ``step``: latents, token ids, noise levels and noise."""
+    g = torch.Generator(device).manual_seed(step_seed(plan.seed, step))
+    size, n, shapes = plan.stage(step)
+    scenes = sample(g, n, shapes, device)
+    drop = torch.rand(n, generator=g, device=device) < plan.caption_dropout
+    x0 = latents(pipe, draw(scenes, size))
+    return {
+        "x0": x0,
+        "ids": token_ids(scenes, pipe.tokenizer, drop),
+        "t": noise_levels(g, n, size, plan.uniform_t, device),
+        "noise": torch.randn(x0.shape, generator=g, device=device),
+    }
 
 
 @torch.no_grad()
-def encode_text(pipe: StableDiffusion3Pipeline, captions: list[str]) -> tuple[torch.Tensor, ...]:
-    """Prompt embeddings as the pipeline makes them, with one zero T5 token instead of 256."""
-    embeds, _, pooled, _ = pipe.encode_prompt(
-        captions,
-        captions,
-        None,
-        do_classifier_free_guidance=False,
-        max_sequence_length=1,
-        device=torch.device("cpu"),
-    )
-    return embeds, pooled
-
-
-# -- stages -----------------------------------------------------------------------------------
-def set_latent_stats(pipe: StableDiffusion3Pipeline, seed: int) -> None:
-    """The pipeline's shift and scaling factors from the latents of 512 training images."""
+def latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """Scaled latents of images in [0, 1], as the pipeline decodes them (VAE in float32)."""
     vae = pipe.vae
-    with torch.no_grad():
-        images, _ = next(batches(f"train-{seed}-stats", 512))
-        z = vae.encode(images * 2 - 1).latent_dist.mode()
-    vae.register_to_config(
-        shift_factor=round(z.mean().item(), 4), scaling_factor=round(1 / z.std().item(), 4)
-    )
-    log(f"vae latents: shift {vae.config.shift_factor} scaling {vae.config.scaling_factor}")
+    z = vae.encode(pixels * 2 - 1).latent_dist.mode()
+    return (z - vae.config.shift_factor) * vae.config.scaling_factor
 
 
-def train_transformer(
-    pipe: StableDiffusion3Pipeline,
-    seed: int,
-    steps: int,
-    batch: int,
-    lr: float,
-    out: Path,
-    stream: str = "flow",
-) -> tuple[list[dict], SD3Transformer2DModel]:
-    model = pipe.transformer.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.99))
-    warmup = 50
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup))
-    vae, rng = pipe.vae, torch.Generator().manual_seed(seed)
-    pyrng = random.Random(f"dropout-{seed}")
-    empty = encode_text(pipe, [""])
-    data, curve, acc = batches(f"train-{seed}-{stream}", batch), [], []
-    start = time.perf_counter()
-    tokens = (IMAGE_SIZE // VAE_FACTOR // PATCH) ** 2 + TEXT_LENGTH + 1
-    with zero_token_bias(tokens):
-        for step in range(1, steps + 1):
-            images, captions = next(data)
-            with torch.no_grad():
-                z = vae.encode(images * 2 - 1).latent_dist.mode()
-                x0 = (z - vae.config.shift_factor) * vae.config.scaling_factor
-            embeds, pooled = encode_text(pipe, captions)
-            drop = torch.tensor([pyrng.random() < CAPTION_DROPOUT for _ in captions])
-            embeds = torch.where(drop[:, None, None], empty[0], embeds)
-            pooled = torch.where(drop[:, None], empty[1], pooled)
-            t = torch.sigmoid(torch.randn(batch, generator=rng))  # logit-normal, as SD3
-            noise = torch.randn(x0.shape, generator=rng)
-            xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
-            pred = model(
-                hidden_states=xt,
-                encoder_hidden_states=embeds,
-                pooled_projections=pooled,
-                timestep=t * 1000,
-            ).sample
-            loss = F.mse_loss(pred, noise - x0)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            decay = min(0.995, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-                    e.lerp_(p, 1 - decay)
-            acc.append(loss.item())
-            if step % 25 == 0 or step == steps:
-                point = {
-                    "step": step,
-                    "loss": float(np.mean(acc)),
-                    "s": time.perf_counter() - start,
-                }
-                curve.append(point)
-                log(f"flow step {step}/{steps} loss {point['loss']:.4f} ({point['s']:.0f} s)")
-                acc = []
-            if step % 100 == 0 or step == steps:
-                record = {"flow_curve": curve, "flow_steps_done": step, "seed": seed}
-                save_pipeline(pipe, ema, out / NAME, record)
-    return curve, ema
+def encode_text(text_encoders: list[torch.nn.Module], ids: torch.Tensor):
+    """Prompt embeddings as ``StableDiffusion3Pipeline.encode_prompt`` makes them with
+    ``max_sequence_length=1``: each CLIP's penultimate hidden states side by side, then one
+    zero token (the T5 stand-in); pooled: both projections."""
+    outs = [te(ids, output_hidden_states=True) for te in text_encoders]
+    embeds = torch.cat([o.hidden_states[-2] for o in outs], -1)
+    zero = embeds.new_zeros(embeds.shape[0], 1, embeds.shape[-1])
+    return torch.cat([embeds, zero], 1), torch.cat([o.text_embeds for o in outs], -1)
 
 
-def save_pipeline(
-    pipe: StableDiffusion3Pipeline, transformer: SD3Transformer2DModel, path: Path, record: dict
-) -> None:
-    """fp16 safetensors, the EMA transformer; the live pipeline is left untouched."""
-    shipped = StableDiffusion3Pipeline(**{**pipe.components, "transformer": transformer})
-    shipped = copy.deepcopy(shipped).to(torch.float16)
-    shipped.save_pretrained(path, safe_serialization=True)
-    (path / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+def predict(modules: dict[str, torch.nn.Module], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The velocity prediction at ``x_t = (1 - t) x0 + t noise``."""
+    t = batch["t"].view(-1, 1, 1, 1)
+    xt = (1 - t) * batch["x0"] + t * batch["noise"]
+    embeds, pooled = encode_text([modules["text_encoder"], modules["text_encoder_2"]], batch["ids"])
+    return modules["transformer"](
+        hidden_states=xt,
+        encoder_hidden_states=embeds,
+        pooled_projections=pooled,
+        timestep=batch["t"] * 1000,
+    ).sample
 
 
-def train_clip(seed: int, steps: int, batch: int, out: Path) -> list[dict]:
-    import open_clip
-    from safetensors.torch import save_file
+# -- the run ----------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, plan: Plan, device: str = "cpu", dtype: str = "fp32"):
+        self.plan, self.device = plan, device
+        self.pipe = shapes_model.build_pipeline(plan.seed).to(device)
+        self.modules = shapes_model.trainable(self.pipe)
+        for m in self.modules.values():
+            m.train().requires_grad_(True)
+        self.ema = {
+            k: copy.deepcopy(m).eval().requires_grad_(False) for k, m in self.modules.items()
+        }
+        self.params = [p for m in self.modules.values() for p in m.parameters()]
+        self.opt = torch.optim.AdamW(
+            self.params,
+            lr=plan.lr,
+            betas=(0.9, 0.99),
+            weight_decay=plan.weight_decay,
+            fused=device.startswith("cuda"),
+        )
+        self.autocast = (
+            torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+            if dtype == "bf16"
+            else nullcontext()
+        )
+        self.state = State()
 
-    path = out / CLIP_NAME
-    path.mkdir(parents=True, exist_ok=True)
-    config = path / f"{CLIP_NAME}.json"
-    config.write_text(json.dumps(CLIP_CONFIG, indent=1) + "\n")
-    open_clip.add_model_config(str(config))
-    torch.manual_seed(zlib_seed(f"{CLIP_NAME}/{seed}"))
-    model = open_clip.create_model(CLIP_NAME)
-    tokenizer = open_clip.get_tokenizer(CLIP_NAME)
-    mean, std = torch.tensor(OPENAI_MEAN)[:, None, None], torch.tensor(OPENAI_STD)[:, None, None]
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
-    data, curve, acc, start = batches(f"train-{seed}-clip", batch), [], [], time.perf_counter()
-    model.train()
-    for step in range(1, steps + 1):
-        images, captions = next(data)
-        image_features, text_features, scale = model((images - mean) / std, tokenizer(captions))
-        logits = scale * image_features @ text_features.T
-        labels = torch.arange(len(captions))
-        same = torch.tensor([[a == b for b in captions] for a in captions])
-        logits = logits.masked_fill(same & ~torch.eye(len(captions), dtype=torch.bool), -1e4)
-        loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-        opt.zero_grad(set_to_none=True)
+    # -- steps --------------------------------------------------------------------------------
+    def step(self, step: int) -> torch.Tensor:
+        """One optimizer step on ``step``'s batch; returns the loss as a device tensor (read
+        only when logging, so the GPU is not synchronised every step)."""
+        batch = make_batch(self.pipe, self.plan, step, self.device)
+        for group in self.opt.param_groups:
+            group["lr"] = self.plan.lr_at(step)
+        with self.autocast:
+            pred = predict(self.modules, batch)
+        loss = F.mse_loss(pred.float(), batch["noise"] - batch["x0"])
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        sched.step()
-        acc.append(loss.item())
-        if step % 25 == 0 or step == steps:
-            point = {"step": step, "loss": float(np.mean(acc)), "s": time.perf_counter() - start}
-            curve.append(point)
-            log(f"clip step {step}/{steps} loss {point['loss']:.4f} ({point['s']:.0f} s)")
-            acc = []
-    model.eval()
-    with torch.no_grad():
-        images, captions = next(batches("heldout-clip", 256))
-        image_features = F.normalize(model.encode_image((images - mean) / std), dim=-1)
-        text_features = F.normalize(model.encode_text(tokenizer(captions)), dim=-1)
-        sims = image_features @ text_features.T
-        top1 = (sims.argmax(1) == torch.arange(len(captions))).float().mean().item()
-        matched = (100 * sims.diag().clamp(min=0)).mean().item()
-        shuffled = (100 * sims.roll(1, 1).diag().clamp(min=0)).mean().item()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        decay = min(self.plan.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(self._ema_params(), self.params, 1 - decay)
+        return loss.detach()
+
+    def _ema_params(self) -> list[torch.Tensor]:
+        return [p for m in self.ema.values() for p in m.parameters()]
+
+    @torch.no_grad()
+    def layout_probe(self, step: int) -> dict[str, float]:
+        """The EMA model's clean-image prediction at pure noise (t = 1) on 32 fixed scenes of
+        the current stage: ``layout`` = 1 - its squared error / that of the flat background.
+        A model that knows only the background scores ~0; one that puts the stated colours
+        at the stated places scores clearly above 0 (the prediction is the blurry mean)."""
+        size, _, shapes = self.plan.stage(step)
+        g = torch.Generator(self.device).manual_seed(PROBE_SEED + shapes)
+        scenes = sample(g, 32, shapes, self.device)
+        x0 = latents(self.pipe, draw(scenes, size))
+        flat = scenes.__class__(**{**vars(scenes), "count": torch.zeros_like(scenes.count)})
+        background = latents(self.pipe, draw(flat, size))
+        noise = torch.randn(x0.shape, generator=g, device=self.device)
+        batch = {"x0": x0, "ids": token_ids(scenes, self.pipe.tokenizer), "noise": noise}
+        batch["t"] = torch.ones(len(scenes), device=self.device)
+        with self.autocast:
+            v = predict(self.ema, batch).float()
+        guess = noise - v
+        err = (guess - x0).pow(2).mean()
+        base = (background - x0).pow(2).mean()
+        return {"layout": float(1 - err / base), "x0_error": float(err)}
+
+    def ema_pipeline(self) -> Any:
+        from diffusers import StableDiffusion3Pipeline
+
+        pipe = StableDiffusion3Pipeline(**{**self.pipe.components, **self.ema})
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def evaluate(self, step: int, count: int, preview: Path | None = None) -> dict[str, float]:
+        """Adherence of the EMA pipeline on ``count`` held-out captions at the stage's size."""
+        from .checker import check, summary
+        from .evaluate import generate, grid, heldout_captions
+
+        size = self.plan.stage(step)[0]
+        captions = heldout_captions(count)
+        images = generate(self.ema_pipeline(), captions, size=size, batch=min(count, 256))
+        result = summary([check(im, c) for im, c in zip(images, captions, strict=True)])
+        if preview is not None:
+            preview.parent.mkdir(parents=True, exist_ok=True)
+            grid(images[:32]).save(preview)
+        return {"step": step, "image_size": size, "captions": count, **result}
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self, path: Path) -> float:
+        """Write the checkpoint atomically; returns the seconds it took."""
+        start = time.perf_counter()
+
+        def half(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+            return {k: v.detach().to("cpu", torch.float16) for k, v in module.state_dict().items()}
+
+        opt = self.opt.state_dict()
+        opt["state"] = {
+            i: {k: v.to("cpu", torch.bfloat16) if v.dim() else v.cpu() for k, v in s.items()}
+            for i, s in opt["state"].items()
+        }
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "plan": asdict(self.plan),
+            "state": asdict(self.state),
+            "weights": {k: half(m) for k, m in self.modules.items()},
+            "ema": {k: half(m) for k, m in self.ema.items()},
+            "optimizer": opt,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        return time.perf_counter() - start
+
+    def load_checkpoint(self, payload: dict[str, Any]) -> None:
+        for name, module in self.modules.items():
+            module.load_state_dict(payload["weights"][name])
+            self.ema[name].load_state_dict(payload["ema"][name])
+        self.opt.load_state_dict(payload["optimizer"])  # moments are cast back to float32
+        self.state = State(**payload["state"])
+
+    def export(self, path: Path, record: dict[str, Any]) -> Path:
+        return shapes_model.save_pipeline(self.pipe, path, self.ema, record)
+
+    def record(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "plan": asdict(self.plan),
+            "steps_done": self.state.step,
+            "seconds": round(self.state.seconds, 1),
+            "curve": self.state.curve,
+            "evals": self.state.evals,
+            **extra,
+        }
+
+    # -- calibration --------------------------------------------------------------------------
+    def seconds_per_step(self, repeats: int = 6) -> dict[int, float]:
+        """Seconds per training step at each image size, timed on real steps; the weights,
+        EMA and optimizer are put back afterwards."""
+        saved = (
+            {k: copy.deepcopy(m.state_dict()) for k, m in self.modules.items()},
+            {k: copy.deepcopy(m.state_dict()) for k, m in self.ema.items()},
+            copy.deepcopy(self.opt.state_dict()),
+        )
+        out = {}
+        for size, first in ((LOW_SIZE, 1), (IMAGE_SIZE, self.plan.steps)):
+            for _ in range(2):
+                self.step(first)
+            self._sync()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                loss = self.step(first)
+            float(loss)
+            out[size] = (time.perf_counter() - start) / repeats
+        for name, module in self.modules.items():
+            module.load_state_dict(saved[0][name])
+            self.ema[name].load_state_dict(saved[1][name])
+        self.opt.load_state_dict(saved[2])
+        return out
+
+    def _sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+
+def fit_steps(plan: Plan, step: int, seconds: float, per_step: dict[int, float]) -> int:
+    """The most steps (<= ``plan.steps``, > ``step``) whose rest, from ``step`` on, takes at
+    most ``seconds`` at ``per_step`` seconds per step of each image size; the stages keep
+    their fractions of the plan, so a shorter plan still ends at 128 px."""
+
+    def rest(total: int) -> float:
+        high_start = max(step, math.ceil(plan.high_from * total))
+        low = max(0, high_start - step)
+        return low * per_step[LOW_SIZE] + (total - high_start) * per_step[IMAGE_SIZE]
+
+    total = plan.steps
+    while total > step + 1 and rest(total) > seconds:
+        total = max(step + 1, int(total * 0.98))
+    return total
+
+
+def refit(plan: Plan, target: int, step: int, seconds: float, per_step: dict[int, float]) -> int:
+    """:func:`fit_steps` of the plan at ``target`` steps, without ever going back from 128 px
+    to 64 px: once the high-resolution stage began, the plan only shortens."""
+    fitted = fit_steps(dataclasses.replace(plan, steps=target), step, seconds, per_step)
+    if plan.stage(step)[0] == IMAGE_SIZE:
+        return min(fitted, plan.steps)
+    return fitted
+
+
+class Clock:
+    """The time budget of a run: how long is left for training steps, and the pace per image
+    size (calibrated once, then scaled by the pace observed since)."""
+
+    def __init__(self, budget: float | None, reserve: float):
+        self.started = time.perf_counter()
+        self.budget, self.reserve = budget, reserve
+        self.per_step = {LOW_SIZE: 1.0, IMAGE_SIZE: 2.0}  # relative, until calibrated
+        self.save_seconds = 5.0
+        self.eval_seconds = 0.0  # the last in-training evaluation
+
+    def left(self, evals_to_come: int = 0) -> float:
+        """Seconds left for steps, after the final checkpoint and export and the evaluations."""
+        if not self.budget:
+            return math.inf
+        used = time.perf_counter() - self.started
+        return (
+            self.budget
+            - used
+            - self.reserve
+            - 2 * self.save_seconds
+            - (evals_to_come * self.eval_seconds)
+        )
+
+    def observe(self, size: int, seconds_per_step: float) -> None:
+        scale = seconds_per_step / self.per_step[size]
+        self.per_step = {k: v * scale for k, v in self.per_step.items()}
+
+
+def run(args: argparse.Namespace) -> int:
+    clock = Clock(args.time_budget, args.reserve)
+    payload = None
+    given = {f.name: getattr(args, f.name) for f in fields(Plan) if f.name != "steps"}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.steps not in (None, "auto"):
+        given["steps"] = int(args.steps)
+    if args.resume:
+        payload = torch.load(args.resume, map_location="cpu", weights_only=True)
+        if payload.get("format") != CHECKPOINT_FORMAT:
+            raise SystemExit(f"{args.resume}: not a catbatch-shapes checkpoint (format)")
+        # flags given now change the saved plan from here on (e.g. a CPU's smaller batches, or
+        # more steps: the schedule stretches); the data stream stays a function of seed and step
+        plan = Plan(**{**payload["plan"], **given})
+    else:
+        plan = Plan(**given)
+    trainer = Trainer(plan, args.device, args.dtype)
+    if payload is not None:
+        trainer.load_checkpoint(payload)
+        changed = {k: v for k, v in given.items() if payload["plan"][k] != v}
+        log(f"resumed {args.resume} at step {trainer.state.step}; plan changes: {changed or None}")
+    if args.steps == "auto":
+        if not args.time_budget or payload is not None:
+            raise SystemExit("--steps auto needs --time-budget and a fresh run")
+        clock.per_step = trainer.seconds_per_step()
+        plan.steps = 10**9
+        plan.steps = fit_steps(plan, 0, clock.left() * 0.95, clock.per_step)
+        log(
+            f"calibrated: {clock.per_step[LOW_SIZE]:.4f} s/step at {LOW_SIZE} px (batch "
+            f"{plan.batch}), {clock.per_step[IMAGE_SIZE]:.4f} s/step at {IMAGE_SIZE} px (batch "
+            f"{plan.high_batch}): {plan.steps} steps"
+        )
+    log(f"plan: {json.dumps(asdict(plan))}")
+    target = plan.steps  # a budgeted run shortens the plan when slower, up to this when faster
+    state, checkpoint = trainer.state, Path(args.checkpoint)
+    last_save = time.perf_counter()
+    window, losses, window_start = 0, [], time.perf_counter()
+    run_start = time.perf_counter()
+    stopped_early = False
+    while state.step < plan.steps:
+        if clock.left() <= 0:
+            stopped_early = True
+            log(f"time budget: stopping at step {state.step} of {plan.steps}")
+            break
+        state.step += 1
+        losses.append(trainer.step(state.step))
+        window += 1
+        if state.step % args.log_every == 0 or state.step == plan.steps:
+            trainer._sync()
+            now = time.perf_counter()
+            size, batch, shapes = plan.stage(state.step)
+            if plan.stage(state.step - window + 1)[0] == size:
+                clock.observe(size, (now - window_start) / window)
+            point = {
+                "step": state.step,
+                "loss": float(torch.stack(losses).mean()),
+                "lr": plan.lr_at(state.step),
+                "size": size,
+                "shapes": shapes,
+                "steps_per_s": window / (now - window_start),
+                "s": round(state.seconds + now - run_start, 1),
+                **trainer.layout_probe(state.step),
+            }
+            state.curve.append(point)
+            log(
+                f"step {state.step}/{plan.steps} {size}px <= {shapes} shapes loss "
+                f"{point['loss']:.4f} lr {point['lr']:.2e} {point['steps_per_s']:.2f} steps/s "
+                f"({point['steps_per_s'] * batch:.0f} images/s) layout {point['layout']:+.3f} "
+                f"{point['s']:.0f} s"
+            )
+            evals = (plan.steps - state.step) // args.eval_every if args.eval_every else 0
+            fitted = refit(plan, target, state.step, clock.left(evals), clock.per_step)
+            if fitted != plan.steps:
+                log(f"at the pace so far, the plan now ends at step {fitted}")
+                plan.steps = fitted
+            window, losses, window_start = 0, [], time.perf_counter()
+        if args.eval_every and state.step % args.eval_every == 0:
+            eval_start = time.perf_counter()
+            result = trainer.evaluate(state.step, args.eval_count, args.preview)
+            state.evals.append(result)
+            log(f"eval: {json.dumps({k: round(v, 4) for k, v in result.items()})}")
+            clock.eval_seconds = time.perf_counter() - eval_start
+            window_start += clock.eval_seconds  # the pace counts training steps only
+        if time.perf_counter() - last_save > args.checkpoint_every:
+            state.seconds += time.perf_counter() - run_start
+            run_start = time.perf_counter()
+            clock.save_seconds = trainer.save_checkpoint(checkpoint)
+            last_save = time.perf_counter()
+    state.seconds += time.perf_counter() - run_start
+    clock.save_seconds = trainer.save_checkpoint(checkpoint)
+    size_mb = checkpoint.stat().st_size / 1e6
     log(
-        f"clip held-out: image->text top-1 {top1:.3f} over 256; score matched {matched:.1f} "
-        f"vs shuffled {shuffled:.1f}"
+        f"checkpoint {checkpoint} at step {state.step} ({size_mb:.1f} MB, "
+        f"{clock.save_seconds:.1f} s)"
     )
-    state = {k: v.half().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path / "open_clip_model.safetensors"))
-    record = {
-        "seed": seed,
-        "steps": steps,
-        "batch": batch,
-        "curve": curve,
-        "heldout_top1": top1,
-        "heldout_score_matched": matched,
-        "heldout_score_shuffled": shuffled,
-    }
-    (path / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    return curve
-
-
-def zlib_seed(text: str) -> int:
-    import zlib
-
-    return zlib.crc32(text.encode())
+    if args.out:
+        record = trainer.record(
+            device=str(args.device),
+            dtype=args.dtype,
+            stopped_early=stopped_early,
+            resumed_from=str(args.resume) if args.resume else None,
+        )
+        trainer.export(Path(args.out), record)
+        log(f"exported the EMA pipeline to {args.out}")
+    log(f"done in {(time.perf_counter() - clock.started) / 60:.1f} min")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--stage", choices=("all", "pipeline", "clip"), default="all")
-    parser.add_argument("--flow-steps", type=int, default=1200)
-    parser.add_argument("--clip-steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=6e-4)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument(
-        "--init", type=Path, help="continue training this saved pipeline (fresh data stream)"
-    )
+    parser.add_argument("--steps", help="steps of the plan, or 'auto' (fit --time-budget)")
+    for f in fields(Plan):
+        if f.name != "steps":
+            flag = "--" + f.name.replace("_", "-")
+            parser.add_argument(flag, type=type(f.default), help=f"plan (default {f.default})")
+    parser.add_argument("--resume", type=Path, help="continue from this checkpoint")
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT, help="written here")
+    parser.add_argument("--out", type=Path, help="export the EMA pipeline to this folder")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads")
+    parser.add_argument("--time-budget", type=float, help="seconds for the whole run")
+    parser.add_argument("--reserve", type=float, default=10.0, help="seconds kept for the end")
+    parser.add_argument("--checkpoint-every", type=float, default=600.0, help="seconds")
+    parser.add_argument("--log-every", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=0, help="steps (0: never)")
+    parser.add_argument("--eval-count", type=int, default=64, help="held-out captions")
+    parser.add_argument("--preview", type=Path, help="contact sheet of each evaluation's images")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    diffusers.utils.logging.set_verbosity_error()  # no truncation warning for the 1-token T5
-    start = time.perf_counter()
-    if args.stage in ("all", "pipeline"):
-        pipe = build_pipeline(args.seed)
-        stream, before = "flow", 0
-        if args.init:  # continue from a saved pipeline: its VAE, text encoders and transformer
-            from diffusers import DiffusionPipeline
-
-            saved = DiffusionPipeline.from_pretrained(args.init, dtype=torch.float32)
-            pipe = StableDiffusion3Pipeline(**saved.components)
-            before = json.loads((args.init / "training.json").read_text())["flow_steps_done"]
-            stream = f"flow-after-{before}"
-        pipe.text_encoder.requires_grad_(False)
-        pipe.text_encoder_2.requires_grad_(False)
-        if not args.init:
-            set_latent_stats(pipe, args.seed)
-        settings = {k: str(v) for k, v in vars(args).items()}
-        flow_curve, ema = train_transformer(
-            pipe, args.seed, args.flow_steps, args.batch, args.lr, args.out, stream
-        )
-        record = {
-            "settings": settings,
-            "flow_curve": flow_curve,
-            "flow_steps_done": before + args.flow_steps,
-            "continued_from": str(args.init) if args.init else None,
-            "minutes": (time.perf_counter() - start) / 60,
-        }
-        save_pipeline(pipe, ema, args.out / NAME, record)
-        log(f"pipeline saved to {args.out / NAME} ({record['minutes']:.1f} min)")
-    if args.stage in ("all", "clip"):
-        train_clip(args.seed, args.clip_steps, 128, args.out)
-        log(f"clip saved to {args.out / CLIP_NAME}")
-    log(f"done in {(time.perf_counter() - start) / 60:.1f} min")
-    return 0
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    for lib in (diffusers, transformers):  # the 1-token T5's truncation warnings; no bars
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+    return run(args)
 
 
 if __name__ == "__main__":
