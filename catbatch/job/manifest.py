@@ -24,7 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from catbatch.job.prompts import PromptSource
-from catbatch.pruning.config import PruningConfigError, parse_pruning_section
+from catbatch.pruning import PruningConfigError, parse_pruning_section
 
 DTYPES = ("float32", "float16", "bfloat16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
