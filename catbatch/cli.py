@@ -41,6 +41,20 @@ def _plan(m, check_model: bool = True):
         _fail(str(e))
 
 
+def _refuse_if_busy(url: str) -> None:
+    """Exit 3 at once, before reading prompts or loading anything, when another submission
+    holds the output's lease (storage errors are left to the checks that follow)."""
+    from catbatch.job.layout import OutputLayout
+    from catbatch.job.lease import LeaseHeld, ensure_free
+
+    try:
+        ensure_free(OutputLayout(url))
+    except LeaseHeld as e:
+        _fail(str(e), code=EXIT_BUSY)
+    except (OSError, ValueError, ImportError):
+        pass
+
+
 @contextmanager
 def _output_lease(layout) -> Iterator[Any]:
     """Hold the output's lease (exit 3 if another submission holds it); released on exit."""
@@ -160,6 +174,7 @@ def submit(
     cluster = cluster_overrides(m, address, actors, gpus_per_actor, cpu_only, dtype)
     if cluster:
         m = _load(manifest, {**overrides, **cluster})
+    _refuse_if_busy(m.output_url)
     p = _plan(m)
     with _output_lease(p.layout) as lease:
         try:

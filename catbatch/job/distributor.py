@@ -16,6 +16,7 @@ import ray
 
 from catbatch.job.layout import OutputLayout
 from catbatch.job.manifest import Manifest
+from catbatch.job.observe import PoolObserver
 from catbatch.job.sharding import Task
 
 log = logging.getLogger(__name__)
@@ -165,20 +166,6 @@ class PoolResult:
     retries: list[tuple[str, str]] = field(default_factory=list)  # (task key, why)
     stopped: bool = False  # stop() turned true: unstarted tasks were not run
     abandoned: list[str] = field(default_factory=list)  # running at the end of the grace period
-
-
-class PoolObserver:
-    """What the pool reports as it runs (every method optional; the driver implements them)."""
-
-    def actor_ready(self, name: str, info: dict) -> None: ...
-
-    def actor_lost(self, name: str, error: str) -> None: ...
-
-    def task_done(self, name: str, task: Task, stats: dict, events: list[dict]) -> None: ...
-
-    def task_retry(self, name: str, task: Task, error: str, will_retry: bool) -> None: ...
-
-    def tick(self, queued: int, running: int, actors: int) -> None: ...
 
 
 @dataclass(eq=False)

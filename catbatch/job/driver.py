@@ -10,20 +10,22 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
 from tqdm import tqdm
 
-from catbatch.job import distributor, resume
+from catbatch.job import resume
 from catbatch.job.layout import OutputLayout
 from catbatch.job.lease import Lease
 from catbatch.job.manifest import Manifest
-from catbatch.job.observe import EventLog, JobMetrics, Throughput
+from catbatch.job.observe import EventLog, JobMetrics, PoolObserver, Throughput
 from catbatch.job.prompts import Prompt, read_prompts
 from catbatch.job.runrecord import fingerprint, fingerprint_inputs, run_record
 from catbatch.job.sharding import Shard, Task, make_shards, make_tasks
 from catbatch.models.loader import ModelLoadError, describe_source
+
+if TYPE_CHECKING:
+    from catbatch.job.distributor import PoolResult
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +199,10 @@ def submit(
     """Run the pending tasks (then the retries) on Ray and write the run record.
 
     With a ``lease``, a lease lost to another submission stops the run (no new shards)."""
+    import ray
+
+    from catbatch.job import distributor
+
     m, layout = p.manifest, p.layout
     summary = Summary(output=layout.display(), skipped_tasks=p.counts()["tasks"] - len(p.pending))
     events = EventLog(layout)
@@ -277,7 +283,7 @@ def submit(
     return summary
 
 
-class JobObserver(distributor.PoolObserver):
+class JobObserver(PoolObserver):
     """Turns what the actor pool reports into the progress bar (with ETA), Ray metrics and the
     run's JSON-lines logs (``logs/<run id>/driver.jsonl`` and one file per actor)."""
 
@@ -328,7 +334,7 @@ class JobObserver(distributor.PoolObserver):
             f"failed={self.rate.failed} queued={queued} eta={_clock(eta)}", refresh=False
         )
 
-    def finish(self, result: distributor.PoolResult) -> None:
+    def finish(self, result: PoolResult) -> None:
         self.events.note(
             "driver",
             "run_end",

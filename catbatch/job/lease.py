@@ -119,6 +119,16 @@ def current_lease(layout: OutputLayout) -> LeaseInfo | None:
     return read_lease(layout, gens[-1]) if gens else None
 
 
+def ensure_free(layout: OutputLayout) -> None:
+    """Raise :class:`LeaseHeld` when a live submission holds the output's lease.
+
+    A look, not a claim (:meth:`Lease.acquire` decides): it lets a second submission stop at
+    once, before it reads prompts or loads anything."""
+    holder = current_lease(layout)
+    if holder is not None and holder.live():
+        raise LeaseHeld(_held_message(layout, holder))
+
+
 class Lease:
     """Exclusive right to write one output; use as a context manager or acquire()/release()."""
 
@@ -219,11 +229,7 @@ class Lease:
         return self.layout.path(LEASE_DIR, _file_name(generation))
 
     def _held(self, holder: LeaseInfo) -> LeaseHeld:
-        return LeaseHeld(
-            f"{self.layout.display()} is being written by another submission (lease "
-            f"{holder.describe()}); try again when it ends, or after the lease expires if that "
-            "driver died"
-        )
+        return LeaseHeld(_held_message(self.layout, holder))
 
     def _start_heartbeat(self) -> None:
         self._stop.clear()
@@ -237,6 +243,14 @@ class Lease:
                     return
             except Exception as e:  # noqa: BLE001 - keep trying; expiry is the safety net
                 log.warning("lease heartbeat failed: %s: %s", type(e).__name__, e)
+
+
+def _held_message(layout: OutputLayout, holder: LeaseInfo) -> str:
+    return (
+        f"{layout.display()} is being written by another submission (lease "
+        f"{holder.describe()}); try again when it ends, or after the lease expires if that "
+        "driver died"
+    )
 
 
 def _encode(info: LeaseInfo) -> bytes:

@@ -11,9 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names (torch is imported on use)
 
 
 class ModelLoadError(RuntimeError):
@@ -81,6 +79,7 @@ def load_pipeline(
     """Load the pipeline that :func:`describe_source` found onto ``device``, with the manifest's
     memory options (``model.memory``: vae_tiling, vae_slicing, cpu_offload, drop_t5)."""
     import diffusers
+    import torch
     import transformers
     from diffusers import DiffusionPipeline
 
@@ -90,7 +89,9 @@ def load_pipeline(
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
     memory = memory or {}
-    torch_dtype = DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"model.dtype: got {dtype!r}; allowed: {', '.join(DTYPES)}")
+    torch_dtype = getattr(torch, dtype)
     skip = _dropped_components(source, memory)
     try:
         if source["kind"] == "preset":
@@ -148,6 +149,8 @@ def apply_memory_options(pipe: Any, memory: dict, device: str) -> Any:
 
 
 def resolve_device(device: str) -> str:
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
