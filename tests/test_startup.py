@@ -5,6 +5,7 @@ Ray. Each runs in a fresh interpreter, which then reports what it imported."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,17 @@ def test_busy_output_exits_3_before_loading_anything(job):
     assert code == 3 and "being written by another submission" in out, out
     assert heavy == [], f"a refused submission imported {heavy}"
     assert sorted(p.name for p in (job.parent / "out").iterdir()) == [".lease"]
+
+
+def test_first_command_on_a_fresh_machine_prints_only_its_own_output(job, tmp_path):
+    """Building a preset into an empty cache prints no progress bar or library chatter."""
+    job.write_text(MANIFEST.replace("tiny-sd3", "tiny-pixart"))
+    env = {**os.environ, "CATBATCH_CACHE": str(tmp_path / "empty-cache")}
+    cmd = [sys.executable, "-m", "catbatch.cli", "validate", str(job)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert any((tmp_path / "empty-cache").iterdir()), "the preset was not built here"
+    assert res.stderr == ""
+    assert res.stdout.startswith("{")
+    assert res.stdout.splitlines()[-1].startswith("ok: 2 prompts")
+    assert "\r" not in res.stdout and "it/s" not in res.stdout
