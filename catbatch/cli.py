@@ -41,6 +41,12 @@ def _plan(m, check_model: bool = True):
         _fail(str(e))
 
 
+def _warn(p) -> None:
+    """The plan's warnings on stderr, once the command goes ahead."""
+    for warning in p.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
 def _refuse_if_busy(url: str) -> None:
     """Exit 3 at once, before reading prompts or loading anything, when another submission
     holds the output's lease (storage errors are left to the checks that follow)."""
@@ -105,6 +111,7 @@ def validate(manifest: str, output: str | None, no_model_check: bool) -> None:
     resolved = m.model_dump(mode="json")
     resolved["resolved_variants"] = {k: v.model_dump() for k, v in m.resolved_variants().items()}
     click.echo(json.dumps(resolved, indent=2))
+    _warn(p)
     c = p.counts()
     click.echo(
         f"ok: {c['prompts']} prompts, {c['samples']} samples, {c['shards']} shards, "
@@ -181,6 +188,7 @@ def submit(
             prepare_output(p, overwrite, retry_failed)
         except (JobError, OSError) as e:
             _fail(str(e))
+        _warn(p)
         c = p.counts()
         retry = f"; {len(p.retry)} shard(s) with failed images to retry" if p.retry else ""
         click.echo(
@@ -284,6 +292,7 @@ def regenerate(
         _fail(f"variant {name!r} is not in {manifest}; variants: {', '.join(variants)}")
     if not 0 <= image_index < m.images_per_prompt:
         _fail(f"--image-index must be in [0, {m.images_per_prompt})")
+    _warn(p)
     worker = Worker(m, p.model_source)
     item = [it for it in worker.items(matches) if it.image_index == image_index]
     rows = worker.generate_rows(item, Task(name, Shard(0, tuple(matches))), variants[name], "regen")

@@ -47,6 +47,7 @@ class Plan:
     layout: OutputLayout
     planned: dict[str, dict[str, int]] = field(default_factory=dict)  # variant -> piece -> images
     retry: list[Task] = field(default_factory=list)  # committed pieces with failed images
+    warnings: list[str] = field(default_factory=list)  # settings that run but miss their point
 
     @property
     def images_per_task(self) -> dict[str, int]:
@@ -117,7 +118,9 @@ def plan(manifest: Manifest, check_model: bool = True) -> Plan:
     shards = make_shards(prompts, manifest.shard_size)
     tasks = make_tasks(list(manifest.resolved_variants()), shards)
     layout = OutputLayout(manifest.output_url)
-    return Plan(manifest, prompts, shards, tasks, tasks, source, layout)
+    p = Plan(manifest, prompts, shards, tasks, tasks, source, layout)
+    p.warnings = _pruning_warnings(manifest)
+    return p
 
 
 def _check_resolution(manifest: Manifest) -> None:
@@ -130,6 +133,27 @@ def _check_resolution(manifest: Manifest) -> None:
                     f"{prefix}{dim} {getattr(s, dim)} is not a multiple of 16, which the "
                     "transformer's VAE factor (8) x patch size (2) requires"
                 )
+
+
+def _pruning_warnings(manifest: Manifest) -> list[str]:
+    """CAT variants with too few steps to reach a pruned step (their images are the unpruned
+    ones, at full cost)."""
+    from catbatch.pruning import CATConfig
+
+    out = []
+    for name, s in manifest.resolved_variants().items():
+        if s.pruning is None:
+            continue
+        cfg = CATConfig.from_dict(s.pruning)
+        if s.steps <= cfg.first_pruned_step:
+            prefix = "" if name == "default" else f"variant {name}: "
+            out.append(
+                f"{prefix}CAT prunes nothing in {s.steps} steps: steps 0..{cfg.cluster_step} run "
+                f"in full (pruning.last_full_step {cfg.last_full_step}, then the reference and "
+                f"clustering steps); use steps >= {cfg.first_pruned_step + 1} or a lower "
+                "pruning.last_full_step"
+            )
+    return out
 
 
 def prepare_output(p: Plan, overwrite: bool, retry_failed: bool = False) -> None:
