@@ -189,3 +189,15 @@ def test_bad_single_prompts_and_hostile_ids_become_rows(tmp_path, ray_cluster):
         assert rows[".."]["error"] == "empty prompt"
         assert rows["nul"]["error"] == "prompt contains a NUL byte"
         assert rows["nul"]["image"] is None and rows["../../x"]["image"]["bytes"]
+
+
+def test_printed_output_paths_are_normalised(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"name": "n", "variants": [], "planned_shards": {}}))
+    winding = str(tmp_path / "a" / "b" / ".." / ".." / "out")
+    assert OutputLayout(winding).display() == str(out)
+    res = CliRunner().invoke(main, ["status", winding])
+    assert f"output: {out}\n" in res.output and ".." not in res.output
+    res = CliRunner().invoke(main, ["status", str(tmp_path / "a" / ".." / "none")])
+    assert res.exit_code == 2 and f"{tmp_path / 'none'} holds no catbatch run" in res.output

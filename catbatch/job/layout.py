@@ -95,6 +95,8 @@ class OutputLayout:
     def __post_init__(self) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.root = self.root.rstrip("/")
+        if self.is_local:  # one spelling of each place: no "..", no symlinks
+            self.root = os.path.realpath(self.root)
 
     @property
     def is_local(self) -> bool:
