@@ -333,6 +333,7 @@ def report(
         speedup = (v.get("vs_baseline") or {}).get("speedup")
         click.echo(
             f"{name}: {v['images']} images, {v['failures']} failed"
+            + (f", {v['invalid']} invalid" if v.get("invalid") else "")
             + (f", speed-up {speedup:.2f}x" if speedup else "")
         )
     for path in files.values():

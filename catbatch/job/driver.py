@@ -19,7 +19,7 @@ from catbatch.job.layout import OutputLayout
 from catbatch.job.lease import Lease
 from catbatch.job.manifest import Manifest
 from catbatch.job.observe import EventLog, JobMetrics, PoolObserver, Throughput
-from catbatch.job.prompts import Prompt, read_prompts
+from catbatch.job.prompts import Prompt, read_prompts, resolve_location
 from catbatch.job.runrecord import fingerprint, fingerprint_inputs, run_record
 from catbatch.job.sharding import Shard, Task, make_shards, make_tasks
 from catbatch.models.loader import ModelLoadError, describe_source
@@ -72,6 +72,7 @@ class Plan:
 class Summary:
     images: int = 0
     failed_images: int = 0
+    invalid_images: int = 0  # rows of prompts that cannot be generated
     failed_tasks: dict[str, str] = field(default_factory=dict)
     skipped_tasks: int = 0
     seconds: float = 0.0
@@ -88,6 +89,7 @@ class Summary:
     def lines(self) -> list[str]:
         out = [
             f"images: {self.images} generated, {self.failed_images} failed"
+            + (f", {self.invalid_images} invalid" if self.invalid_images else "")
             + (f", {self.skipped_tasks} shard(s) already committed" if self.skipped_tasks else ""),
             f"time: {self.seconds:.1f} s ({self.images_per_s:.2f} images/s)",
         ]
@@ -119,7 +121,7 @@ def plan(manifest: Manifest, check_model: bool = True) -> Plan:
     tasks = make_tasks(list(manifest.resolved_variants()), shards)
     layout = OutputLayout(manifest.output_url)
     p = Plan(manifest, prompts, shards, tasks, tasks, source, layout)
-    p.warnings = _pruning_warnings(manifest)
+    p.warnings = _pruning_warnings(manifest) + _invalid_prompt_warnings(manifest, prompts)
     return p
 
 
@@ -133,6 +135,23 @@ def _check_resolution(manifest: Manifest) -> None:
                     f"{prefix}{dim} {getattr(s, dim)} is not a multiple of 16, which the "
                     "transformer's VAE factor (8) x patch size (2) requires"
                 )
+
+
+def _invalid_prompt_warnings(
+    manifest: Manifest, prompts: list[Prompt], show: int = 10
+) -> list[str]:
+    """Where the prompts that cannot be generated are (the first ``show``), and how many."""
+    bad = [p for p in prompts if p.problem is not None]
+    if not bad:
+        return []
+    location = resolve_location(manifest.prompts.path, manifest.base_dir)
+    out = [f"{location} {p.where}: {p.problem} (sample {p.sample_id})" for p in bad[:show]]
+    more = f"; {len(bad) - show} more not listed" if len(bad) > show else ""
+    out.append(
+        f"{len(bad)} prompt(s) cannot be generated: their rows are recorded as invalid, counted "
+        f"apart by status and skipped by --retry-failed{more}"
+    )
+    return out
 
 
 def _pruning_warnings(manifest: Manifest) -> list[str]:
@@ -331,6 +350,7 @@ class JobObserver(PoolObserver):
     def task_done(self, name: str, task: Task, stats: dict, events: list[dict]) -> None:
         self.summary.images += stats["images_ok"]
         self.summary.failed_images += stats["images_failed"]
+        self.summary.invalid_images += stats["images_invalid"]
         self.rate.add(stats["rows"], stats["images_failed"])
         self.metrics.inc("images", stats["rows"])
         self.metrics.inc("failed_images", stats["images_failed"])

@@ -133,8 +133,9 @@ def retry_failed(worker: Any, layout: OutputLayout, task: Task) -> ShardStats:
 
     The Parquet file is replaced atomically with the failed rows swapped for new ones (same
     order, every other row untouched), then its stats file. Rows of prompts that are bad in
-    themselves (empty, NUL) stay failed. A crash between the two writes leaves a consistent
-    Parquet file with stale counts in the stats, which the next ``--retry-failed`` rewrites.
+    themselves (``invalid``: empty, NUL) are left as they are. A crash between the two writes
+    leaves a consistent Parquet file with stale counts in the stats, which the next
+    ``--retry-failed`` rewrites.
     """
     start = time.perf_counter()
     variant, name = task.variant, task.shard.name
@@ -146,7 +147,7 @@ def retry_failed(worker: Any, layout: OutputLayout, task: Task) -> ShardStats:
     todo = [
         items[(r.sample_id, r.image_index)]
         for r in rows
-        if r.status != "ok" and items[(r.sample_id, r.image_index)].prompt.problem is None
+        if r.status == "failed" and items[(r.sample_id, r.image_index)].prompt.problem is None
     ]
     settings = worker.variants[variant]
     bs = worker.manifest.batch_size

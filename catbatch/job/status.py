@@ -24,9 +24,11 @@ class VariantStatus:
     pending_shards: list[str] = field(default_factory=list)  # planned, not committed
     failed_shards: dict[str, str] = field(default_factory=dict)  # pending after failing
     shards_with_failed_images: list[str] = field(default_factory=list)
+    shards_with_invalid_images: list[str] = field(default_factory=list)
     images_planned: int = 0
     images_ok: int = 0
-    images_failed: int = 0
+    images_failed: int = 0  # generation failed: submit --retry-failed makes them again
+    images_invalid: int = 0  # their prompts cannot be generated (empty, NUL byte): final
     images_pending: int = 0
 
 
@@ -52,7 +54,16 @@ class OutputStatus:
             f"run: {self.name}, last submit {self.run_status} at {self.updated_at}",
             f"lease: {self.lease}",
         ]
-        head = ("variant", "shards", "pending", "failed", "images ok", "failed", "pending")
+        head = (
+            "variant",
+            "shards",
+            "pending",
+            "failed",
+            "images ok",
+            "failed",
+            "invalid",
+            "pending",
+        )
         rows = [head] + [
             (
                 name,
@@ -61,6 +72,7 @@ class OutputStatus:
                 str(len(v.failed_shards)),
                 str(v.images_ok),
                 str(v.images_failed),
+                str(v.images_invalid),
                 str(v.images_pending),
             )
             for name, v in self.variants.items()
@@ -73,9 +85,13 @@ class OutputStatus:
                 out.append(f"failed shard {name}/{shard}: {err.splitlines()[0][:200]}")
             if v.shards_with_failed_images:
                 out.append(
-                    f"{name}: failed images in {', '.join(v.shards_with_failed_images[:10])}"
-                    + (" ..." if len(v.shards_with_failed_images) > 10 else "")
-                    + " (submit --retry-failed makes them again)"
+                    f"{name}: failed images in {_some(v.shards_with_failed_images)}"
+                    " (submit --retry-failed makes them again)"
+                )
+            if v.shards_with_invalid_images:
+                out.append(
+                    f"{name}: {v.images_invalid} image(s) of prompts that cannot be generated, in "
+                    f"{_some(v.shards_with_invalid_images)} (the rows' error says why)"
                 )
         out.append("complete" if self.complete else "incomplete: submit the same manifest again")
         return out
@@ -106,8 +122,11 @@ def output_status(url: str) -> OutputStatus:
         for name, s in stats.items():
             v.images_ok += int(s.get("images_ok", 0))
             v.images_failed += int(s.get("images_failed", 0))
+            v.images_invalid += int(s.get("images_invalid", 0))
             if s.get("images_failed"):
                 v.shards_with_failed_images.append(name)
+            if s.get("images_invalid"):
+                v.shards_with_invalid_images.append(name)
         variants[variant] = v
     return OutputStatus(
         output=layout.display(),
@@ -117,6 +136,10 @@ def output_status(url: str) -> OutputStatus:
         lease=_lease_line(layout),
         variants=variants,
     )
+
+
+def _some(names: list[str], show: int = 10) -> str:
+    return ", ".join(names[:show]) + (" ..." if len(names) > show else "")
 
 
 def _read_stats(layout: OutputLayout, variant: str, names: list[str]) -> dict[str, dict]:

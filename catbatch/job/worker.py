@@ -178,7 +178,11 @@ class Worker:
         good = [it for it in items if it.prompt.problem is None]
         for it in items:
             if it.prompt.problem is not None:
-                rows.append(self._row(it, task, settings, None, "-", 0, 0.0, it.prompt.problem))
+                rows.append(
+                    self._row(
+                        it, task, settings, None, "-", 0, 0.0, it.prompt.problem, status="invalid"
+                    )
+                )
         for b in range(0, len(good), bs):
             self._check_owner(task)
             batch = good[b : b + bs]
@@ -206,6 +210,7 @@ class Worker:
             seconds=round(stats.seconds, 3),
             images_ok=stats.images_ok,
             images_failed=stats.images_failed,
+            images_invalid=stats.images_invalid,
         )
         return stats
 
@@ -314,7 +319,9 @@ class Worker:
             **settings.model_dump(),
         }
 
-    def _row(self, it, task, settings, png, batch_id, batch_size, latency, error, **extra) -> Row:
+    def _row(
+        self, it, task, settings, png, batch_id, batch_size, latency, error, status=None, **extra
+    ) -> Row:
         return Row(
             sample_id=it.prompt.sample_id,
             image_index=it.image_index,
@@ -330,7 +337,7 @@ class Worker:
             batch_size=batch_size,
             latency_s=latency,
             device=self.device_name,
-            status="ok" if error is None else "failed",
+            status=status or ("ok" if error is None else "failed"),
             error=error,
             **extra,
         )

@@ -37,7 +37,7 @@ SCHEMA = pa.schema(
         ("batch_size", pa.int32()),
         ("latency_s", pa.float64()),
         ("device", pa.string()),
-        ("status", pa.string()),  # "ok" or "failed"
+        ("status", pa.string()),  # "ok", "failed", or "invalid" (a prompt that cannot be made)
         ("error", pa.string()),
     ]
 )
@@ -108,7 +108,7 @@ SCHEMA = SCHEMA.with_metadata(
 
 @dataclass
 class Row:
-    """One generated (or failed) image."""
+    """One generated image, or one that failed (``failed``) or cannot be made (``invalid``)."""
 
     sample_id: str
     image_index: int
@@ -149,7 +149,8 @@ class ShardStats:
     content_hash: str
     rows: int
     images_ok: int
-    images_failed: int
+    images_failed: int  # generation failed: --retry-failed makes them again
+    images_invalid: int  # the prompt cannot be generated (empty, NUL byte): never retried
     parquet_bytes: int
     parquet_sha256: str
     seconds: float
@@ -190,13 +191,15 @@ def write_shard(
     data = buf.getvalue()
     layout.write_bytes(layout.shard_parquet(variant, shard), data)
     ok = sum(r.status == "ok" for r in rows)
+    invalid = sum(r.status == "invalid" for r in rows)
     stats = ShardStats(
         variant=variant,
         shard=shard,
         content_hash=content_hash,
         rows=len(rows),
         images_ok=ok,
-        images_failed=len(rows) - ok,
+        images_failed=len(rows) - ok - invalid,
+        images_invalid=invalid,
         parquet_bytes=len(data),
         parquet_sha256=hashlib.sha256(data).hexdigest(),
         seconds=seconds,

@@ -17,7 +17,10 @@ from catbatch.report.pairs import GridRow, ShardCache, fidelity, fill_grid, grid
 
 REPORT_VERSION = 1
 DEFINITIONS = {
-    "images / failures": "committed rows with ``status`` ok / failed.",
+    "images / failures / invalid": (
+        "committed rows with ``status`` ok / failed / invalid (a prompt that cannot be "
+        "generated: empty, or with a NUL byte)."
+    ),
     "latency": (
         "``latency_s`` of ok rows that are not warm-up (``warmup`` true); p50/p95 are "
         "numpy's linear-interpolation percentiles. Throughput from latency is ``1 / "
@@ -124,7 +127,7 @@ def _devices(rows: list[dict]) -> dict[str, dict[str, Any]]:
         gpu, cost = _present(mine, "gpu_seconds"), _present(mine, "cost_usd")
         out[dev] = {
             "images": len(ok),
-            "failures": len(mine) - len(ok),
+            "failures": sum(r["status"] == "failed" for r in mine),
             "latency_mean_s": _mean([r["latency_s"] for r in timed]),
             "gpu_seconds": float(np.sum(gpu)) if gpu else None,
             "cost_usd": float(np.sum(cost)) if cost else None,
@@ -150,7 +153,8 @@ def aggregate_variant(vd: VariantData, opts: ReportOptions) -> dict[str, Any]:
         "uncommitted_files": vd.uncommitted,
         "rows": len(rows),
         "images": len(ok),
-        "failures": len(rows) - len(ok),
+        "failures": sum(r["status"] == "failed" for r in rows),
+        "invalid": sum(r["status"] == "invalid" for r in rows),
         "failure_examples": [
             {"sample_id": r["sample_id"], "image_index": r["image_index"], "error": r["error"]}
             for r in rows
