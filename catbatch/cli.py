@@ -15,7 +15,6 @@ from catbatch.job.manifest import ManifestError, load_manifest
 
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3  # another submission holds the output's lease
-EXIT_SIGTERM = 143  # 128 + SIGTERM, as a shell reports a process ended by the signal
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -203,10 +202,7 @@ def submit(
             _fail(str(e), code=1)
     for line in summary.lines():
         click.echo(line)
-    if summary.stopped:
-        sys.exit(EXIT_SIGTERM)
-    if summary.failed_tasks:
-        sys.exit(1)
+    sys.exit(summary.exit_code)
 
 
 def cluster_overrides(

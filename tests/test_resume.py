@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -265,6 +266,38 @@ def test_second_submission_refused_while_lease_held(tmp_path, reference_run):
     assert "0 of 3 tasks to run" in text
     code, text = cli("status", str(out))
     assert code == 0 and "lease: free" in text
+
+
+def test_resubmits_keep_the_run_record(tmp_path, reference_run):
+    """Each submission appends an entry to run.json; pipeline and logs stay; the summary counts
+    every committed shard, whichever submission wrote it (the nightly cron resubmits)."""
+    out = copy_run(reference_run, tmp_path, "nightly")
+    path, flags = reference_run[1], ("--output", str(out))
+    first = json.loads((out / "run.json").read_text())
+    assert first["pipeline"]["pipeline_class"] and first["logs"]
+    (entry,) = first["submissions"]
+    assert entry["status"] == "complete" and entry["exit_code"] == 0 and entry["tasks"] == 3
+    assert entry["host"] == socket.gethostname() and entry["logs"] == first["logs"]
+    assert entry["summary"]["images"] == 6 and entry["finished_at"] >= entry["started_at"]
+    for name in ("shard-00001.stats.json", "shard-00001.parquet"):
+        (out / "variants" / "full" / name).unlink()
+
+    submit(path, *flags)  # one shard to make
+    second = json.loads((out / "run.json").read_text())
+    assert second["submissions"][0] == entry
+    made = second["submissions"][1]
+    assert (made["tasks"], made["summary"]["images"], made["status"]) == (1, 2, "complete")
+    assert made["logs"] and made["logs"] == second["logs"]
+
+    submit(path, *flags)  # nothing left to do
+    third = json.loads((out / "run.json").read_text())
+    assert third["submissions"][:2] == second["submissions"]
+    idle = third["submissions"][2]
+    assert (idle["tasks"], idle["summary"]["images"], idle["logs"]) == (0, 0, None)
+    assert third["pipeline"] == second["pipeline"] and third["logs"] == second["logs"]
+    assert third["status"] == "complete"
+    totals = {k: third["summary"][k] for k in ("images_ok", "images_failed", "shards_committed")}
+    assert totals == {"images_ok": 6, "images_failed": 0, "shards_committed": 3}
 
 
 def test_retry_keeps_every_column_of_untouched_rows():

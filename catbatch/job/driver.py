@@ -20,7 +20,14 @@ from catbatch.job.lease import Lease
 from catbatch.job.manifest import Manifest
 from catbatch.job.observe import EventLog, JobMetrics, PoolObserver, Throughput
 from catbatch.job.prompts import Prompt, read_prompts, resolve_location
-from catbatch.job.runrecord import fingerprint, fingerprint_inputs, run_record
+from catbatch.job.runrecord import (
+    committed_totals,
+    fingerprint,
+    fingerprint_inputs,
+    now,
+    run_record,
+    submission_entry,
+)
 from catbatch.job.sharding import Shard, Task, make_shards, make_tasks
 from catbatch.models.loader import ModelLoadError, describe_source
 
@@ -48,6 +55,7 @@ class Plan:
     planned: dict[str, dict[str, int]] = field(default_factory=dict)  # variant -> piece -> images
     retry: list[Task] = field(default_factory=list)  # committed pieces with failed images
     warnings: list[str] = field(default_factory=list)  # settings that run but miss their point
+    previous: dict | None = None  # run.json of earlier submissions of this run (prepare_output)
 
     @property
     def images_per_task(self) -> dict[str, int]:
@@ -85,6 +93,15 @@ class Summary:
     @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        """143 stopped by SIGTERM (128 + 15, as a shell reports it), 1 some shards failed after
+        retries, else 0."""
+        return 143 if self.stopped else 1 if self.failed_tasks else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "images_per_s": self.images_per_s}
 
     def lines(self) -> list[str]:
         out = [
@@ -194,6 +211,8 @@ def prepare_output(p: Plan, overwrite: bool, retry_failed: bool = False) -> None
             )
         _clear_output(layout)
         layout.check_writable()
+        old = None
+    p.previous = old
     ipp = p.manifest.images_per_prompt
     plans: dict[str, resume.VariantPlan] = {}
     for variant in p.manifest.resolved_variants():
@@ -250,12 +269,27 @@ def submit(
     summary = Summary(output=layout.display(), skipped_tasks=p.counts()["tasks"] - len(p.pending))
     events = EventLog(layout)
     logs = events.folder if p.pending else None
-    record = run_record(
-        m, p.model_source, len(p.prompts), len(p.shards), "running", planned=p.planned, logs=logs
-    )
-    layout.write_json(layout.run_record, record)
-    t0, submitted_at = time.perf_counter(), time.time()
+    entry = submission_entry(len(p.pending), len(p.retry), logs)
     worker_info: dict[str, Any] = {}
+
+    def write_record(status: str, totals: dict | None) -> None:
+        record = run_record(
+            m,
+            p.model_source,
+            len(p.prompts),
+            len(p.shards),
+            status,
+            worker_info,
+            totals,
+            planned=p.planned,
+            logs=logs,
+            previous=p.previous,
+            submission=entry,
+        )
+        layout.write_json(layout.run_record, record)
+
+    write_record("running", (p.previous or {}).get("summary"))
+    t0 = time.perf_counter()
     if p.pending:
         distributor.connect(m.ray.address, num_cpus, m.ray.object_store_mb)
         n, cpus, gpus = distributor.plan_actors(m, len(p.pending))
@@ -288,6 +322,8 @@ def submit(
         except ray.exceptions.RayActorError as e:
             observer.events.note("driver", "workers_failed", error=_root_cause(e))
             observer.events.flush()
+            entry.update(finished_at=now(), status="failed", exit_code=1, error=_root_cause(e))
+            write_record("failed", (p.previous or {}).get("summary"))
             raise JobError(f"the workers could not start: {_root_cause(e)}") from None
         finally:
             bar.close()
@@ -311,18 +347,11 @@ def submit(
     done = summary.unfinished_tasks == 0 and not summary.failed_tasks
     status = "complete" if done else "incomplete"
     status = "interrupted" if summary.stopped else status
-    record = run_record(
-        m,
-        p.model_source,
-        len(p.prompts),
-        len(p.shards),
-        status,
-        worker_info,
-        {**summary.__dict__, "images_per_s": summary.images_per_s, "submitted_at": submitted_at},
-        planned=p.planned,
-        logs=logs,
+    entry.update(
+        finished_at=now(), status=status, exit_code=summary.exit_code, summary=summary.to_json()
     )
-    layout.write_json(layout.run_record, record)
+    totals = {**committed_totals(layout, p.planned), "failed_tasks": summary.failed_tasks}
+    write_record(status, totals)
     return summary
 
 
@@ -350,7 +379,7 @@ class JobObserver(PoolObserver):
     def task_done(self, name: str, task: Task, stats: dict, events: list[dict]) -> None:
         self.summary.images += stats["images_ok"]
         self.summary.failed_images += stats["images_failed"]
-        self.summary.invalid_images += stats["images_invalid"]
+        self.summary.invalid_images += stats.get("images_invalid", 0)
         self.rate.add(stats["rows"], stats["images_failed"])
         self.metrics.inc("images", stats["rows"])
         self.metrics.inc("failed_images", stats["images_failed"])
