@@ -125,6 +125,11 @@ def validate(manifest: str, output: str | None, no_model_check: bool) -> None:
 @click.option("--actors", type=int, help="Number of actors (default: manifest, 'auto').")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output of a different run.")
 @click.option("--retry-failed", is_flag=True, help="Also make again the images recorded as failed.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Check committed shards by sha256 and Parquet footer too (default: existence and size).",
+)
 @click.option("--num-cpus", type=int, help="CPUs of the private local cluster (default: all).")
 @click.option(
     "--gpus-per-actor",
@@ -145,6 +150,7 @@ def submit(
     actors: int | None,
     overwrite: bool,
     retry_failed: bool,
+    verify: bool,
     num_cpus: int | None,
     gpus_per_actor: float | None,
     cpu_only: bool,
@@ -158,7 +164,9 @@ def submit(
     task when idle. A shard is committed when its `.stats.json` is written; resubmitting the
     same manifest skips committed shards and finishes the rest; prompts appended to the source
     become new shards (a short last shard is completed by an extension piece `-x1`).
-    `--retry-failed` replaces the failed rows of committed shards with new images.
+    `--retry-failed` replaces the failed rows of committed shards with new images. A committed
+    shard whose Parquet file is missing or does not match its stats (size; with `--verify` also
+    sha256 and footer) is moved to OUTPUT/damaged/ and made again.
 
     One submission at a time writes an output: the second exits with code 3 while the first
     holds the output's lease (renewed every 10 s, free 30 s after its driver dies).
@@ -184,9 +192,11 @@ def submit(
     p = _plan(m)
     with _output_lease(p.layout) as lease:
         try:
-            prepare_output(p, overwrite, retry_failed)
+            prepare_output(p, overwrite, retry_failed, verify)
         except (JobError, OSError) as e:
             _fail(str(e))
+        for line in p.damaged:
+            click.echo(f"damaged shard {line}", err=True)
         _warn(p)
         c = p.counts()
         retry = f"; {len(p.retry)} shard(s) with failed images to retry" if p.retry else ""
@@ -232,16 +242,20 @@ def cluster_overrides(
 @main.command()
 @click.argument("output")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(output: str, as_json: bool) -> None:
+@click.option(
+    "--verify", is_flag=True, help="Also check each committed file's sha256 and Parquet footer."
+)
+def status(output: str, as_json: bool, verify: bool) -> None:
     """Show committed, pending and failed shards and images of the run at OUTPUT (a path or URL).
 
-    Exit code 0 when every planned shard is committed, 1 when some are pending, 2 when OUTPUT
-    holds no run.
+    A committed shard whose Parquet file is missing or differs in size from its stats (with
+    --verify: in sha256 or footer) is reported as damaged. Exit code 0 when every planned shard
+    is committed and intact, 1 when some are pending or damaged, 2 when OUTPUT holds no run.
     """
     from catbatch.job.status import StatusError, output_status
 
     try:
-        st = output_status(output)
+        st = output_status(output, verify)
     except (StatusError, OSError) as e:
         _fail(str(e))
     if as_json:
@@ -314,6 +328,7 @@ def report(
     report.html (one self-contained page with plots and paired images). Works on a run that
     is still partial and says so.
     """
+    from catbatch.job.layout import OutputLayout
     from catbatch.report import ReportError, ReportOptions, make_report
 
     options = ReportOptions(baseline=baseline, bootstrap=bootstrap, seed=seed, pairs=pairs)
@@ -322,6 +337,11 @@ def report(
     except (ReportError, OSError) as e:
         _fail(str(e))
     data = result.data
+    layout = OutputLayout(output)
+    for name in data["variants_order"]:
+        for shard, why in data["variants"][name]["unreadable_shards"].items():
+            path = layout.display(layout.shard_parquet(name, shard))
+            click.echo(f"warning: skipped unreadable shard {path}: {why}", err=True)
     if data["partial"]:
         click.echo("partial run: " + "; ".join(data["notes"]), err=True)
     for name in data["variants_order"]:

@@ -412,6 +412,21 @@ def test_invalid_rows_are_counted_apart_from_failures(run_dir: Path):
     check_report(run_dir, report, "full", 100, 0)
 
 
+def test_unreadable_shard_is_named_skipped_and_the_report_still_written(run_dir: Path):
+    path = run_dir / "variants" / "cat" / "shard-00001.parquet"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # stats file stays
+    res = CliRunner().invoke(main, ["report", str(run_dir), "--bootstrap", "100"])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    assert f"warning: skipped unreadable shard {path}" in res.stderr, res.stderr
+    report = read_report(run_dir / "report")
+    cat = report["variants"]["cat"]
+    assert cat["rows"] == 6 and list(cat["unreadable_shards"]) == ["shard-00001"]
+    assert report["partial"] and any(str(path) in n for n in report["notes"])
+    assert cat["fidelity"]["pairs"] == 6  # the ok images of shard-00000, against full
+    assert (run_dir / "report" / "report.html").exists()
+
+
 def test_bootstrap_is_seeded(run_dir: Path):
     a, _ = make_report(str(run_dir), str(run_dir / "a"), ReportOptions(bootstrap=200, seed=1))
     b, _ = make_report(str(run_dir), str(run_dir / "b"), ReportOptions(bootstrap=200, seed=1))

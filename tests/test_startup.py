@@ -100,7 +100,7 @@ def test_busy_output_exits_3_before_loading_anything(job):
 
 def test_first_command_on_a_fresh_machine_prints_only_its_own_output(job, tmp_path):
     """Building a preset into an empty cache prints no progress bar or library chatter."""
-    job.write_text(MANIFEST.replace("tiny-sd3", "tiny-pixart"))
+    job.write_text(MANIFEST.replace("tiny-sd3", "tiny-pixart").replace("steps: 2", "steps: 9"))
     env = {**os.environ, "CATBATCH_CACHE": str(tmp_path / "empty-cache")}
     cmd = [sys.executable, "-m", "catbatch.cli", "validate", str(job)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -29,6 +29,7 @@ from catbatch.job.runrecord import (
     submission_entry,
 )
 from catbatch.job.sharding import Shard, Task, make_shards, make_tasks
+from catbatch.job.verify import move_aside
 from catbatch.models.loader import ModelLoadError, describe_source
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class Plan:
     retry: list[Task] = field(default_factory=list)  # committed pieces with failed images
     warnings: list[str] = field(default_factory=list)  # settings that run but miss their point
     previous: dict | None = None  # run.json of earlier submissions of this run (prepare_output)
+    damaged: list[str] = field(default_factory=list)  # committed pieces moved aside, and why
 
     @property
     def images_per_task(self) -> dict[str, int]:
@@ -192,10 +194,14 @@ def _pruning_warnings(manifest: Manifest) -> list[str]:
     return out
 
 
-def prepare_output(p: Plan, overwrite: bool, retry_failed: bool = False) -> None:
+def prepare_output(
+    p: Plan, overwrite: bool, retry_failed: bool = False, verify: bool = False
+) -> None:
     """Check the output is writable and consistent with an earlier run; choose pending tasks
     (shard pieces not committed, see :mod:`catbatch.job.resume`) and, with ``retry_failed``, the
-    committed pieces whose failed images to make again. Call it while holding the lease."""
+    committed pieces whose failed images to make again. Committed pieces whose files do not
+    match their stats (size; with ``verify`` also sha256 and footer) are moved aside and made
+    again (:attr:`Plan.damaged` says which and where). Call it while holding the lease."""
     layout = p.layout
     layout.check_writable()
     old = layout.read_json(layout.run_record)
@@ -217,9 +223,16 @@ def prepare_output(p: Plan, overwrite: bool, retry_failed: bool = False) -> None
     plans: dict[str, resume.VariantPlan] = {}
     for variant in p.manifest.resolved_variants():
         try:
-            plans[variant] = resume.plan_variant(layout, variant, p.shards, ipp)
+            plans[variant] = resume.plan_variant(layout, variant, p.shards, ipp, verify)
         except resume.ResumeError as e:
             raise JobError(str(e)) from None
+    for variant, vp in plans.items():  # only now: a refused run leaves the output as it was
+        if vp.damaged:
+            folder = move_aside(layout, variant, sorted(vp.damaged))
+            p.damaged += [
+                f"{variant}/{name}: {why}; moved to {folder}, made again"
+                for name, why in sorted(vp.damaged.items())
+            ]
     p.planned = {v: vp.planned(ipp) for v, vp in plans.items()}
     # shard-major, like make_tasks, so paired variants of a shard finish close together
     pending = [Task(v, s) for v, vp in plans.items() for s in vp.pending]

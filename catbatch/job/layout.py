@@ -213,15 +213,19 @@ class OutputLayout:
 
     def read_json_many(self, paths: list[str]) -> dict[str, Any]:
         """``{path: object}`` for the paths that exist; one batched request on object stores."""
+        return {p: json.loads(data) for p, data in self.read_bytes_many(paths).items()}
+
+    def read_bytes_many(self, paths: list[str]) -> dict[str, bytes]:
+        """``{path: content}`` for the paths that exist; one batched request on object stores."""
         if self.is_local or len(paths) < 2:
-            found = {p: self.read_json(p) for p in paths}
-            return {p: obj for p, obj in found.items() if obj is not None}
+            found = {p: self.read_bytes(p) for p in paths}
+            return {p: data for p, data in found.items() if data is not None}
         by_key = {self.fs._strip_protocol(p): p for p in paths}
         blobs = self.retrying(
             f"reading {len(paths)} files under {self.display()}",
             lambda: self.fs.cat(list(by_key), on_error="omit"),
         )
-        return {by_key[k]: json.loads(v) for k, v in blobs.items() if k in by_key}
+        return {by_key[k]: v for k, v in blobs.items() if k in by_key}
 
     def list_names(self, *parts: str) -> list[str]:
         """Names of the files in a folder (fresh, not from a listing cache); [] if none."""
@@ -236,6 +240,32 @@ class OutputLayout:
             return sorted(p.rstrip("/").rsplit("/", 1)[1] for p in entries)
 
         return self.retrying(f"listing {self.display(folder)}", ls)
+
+    def list_sizes(self, *parts: str) -> dict[str, int]:
+        """``{name: size in bytes}`` of the files in a folder (fresh listing); {} if none."""
+        folder = self.path(*parts)
+
+        def ls() -> dict[str, int]:
+            self.fs.invalidate_cache(folder)
+            try:
+                entries = self.fs.ls(folder, detail=True)
+            except FileNotFoundError:
+                return {}
+            return {
+                e["name"].rstrip("/").rsplit("/", 1)[1]: int(e.get("size") or 0)
+                for e in entries
+                if e.get("type") != "directory"
+            }
+
+        return self.retrying(f"listing {self.display(folder)}", ls)
+
+    def move(self, path: str, target: str) -> None:
+        """Move a file (copy then delete on object stores), making the target's folder."""
+        if self.is_local:
+            os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            os.replace(path, target)
+            return
+        self.retrying(f"moving {self.display(path)}", lambda: self.fs.mv(path, target))
 
     def remove(self, path: str) -> None:
         """Delete a file if it exists."""

@@ -7,6 +7,9 @@ rewritten: the prompts it lacks go to an extension piece ``shard-0000i-x1`` (the
 Each committed piece covers the next ``rows / images_per_prompt`` prompts of its shard, and its
 stats' ``content_hash`` must match exactly those prompts; otherwise the run is refused, naming
 the piece. So every (sample, image, variant) is made exactly once across pieces.
+
+A committed piece whose file does not match its stats (:mod:`catbatch.job.verify`) is damaged:
+it is pending again, for the same prompts, and the caller moves its files aside.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from catbatch.job import verify
 from catbatch.job.layout import OutputLayout
 from catbatch.job.sharding import Shard, Task
 from catbatch.job.writer import Row, ShardStats, write_shard
@@ -55,11 +59,12 @@ def parse_piece(name: str) -> tuple[int, int] | None:
 
 @dataclass
 class VariantPlan:
-    """One variant's pieces: committed (with their prompts), pending, and to retry."""
+    """One variant's pieces: committed (with their prompts), pending, to retry, damaged."""
 
     committed: list[ShardPart] = field(default_factory=list)
     pending: list[ShardPart] = field(default_factory=list)
     failed_images: dict[str, int] = field(default_factory=dict)  # committed piece -> failed
+    damaged: dict[str, str] = field(default_factory=dict)  # piece -> what is wrong (pending)
 
     def planned(self, images_per_prompt: int) -> dict[str, int]:
         """Every piece of the run (committed or not) and its number of images."""
@@ -68,13 +73,21 @@ class VariantPlan:
 
 
 def plan_variant(
-    layout: OutputLayout, variant: str, shards: list[Shard], images_per_prompt: int
+    layout: OutputLayout,
+    variant: str,
+    shards: list[Shard],
+    images_per_prompt: int,
+    deep: bool = False,
 ) -> VariantPlan:
-    """Match the variant's committed pieces against ``shards``; raise naming any mismatch."""
+    """Match the variant's committed pieces against ``shards``; raise naming any mismatch.
+
+    Damaged pieces (``deep``: by sha256 and footer too, see :mod:`catbatch.job.verify`) become
+    pending for the prompts their stats name; one whose stats are unreadable must be its
+    shard's last piece (it is then made again with the rest of the shard)."""
+    found = verify.check_pieces(layout, variant, deep)
+    all_stats = {**found.stats, **found.damaged_stats}
     by_index: dict[int, dict[int, str]] = {}
-    committed = sorted(layout.committed_shards(variant))
-    all_stats = layout.read_json_many([layout.shard_stats(variant, n) for n in committed])
-    for name in committed:
+    for name in sorted(all_stats):
         parsed = parse_piece(name)
         if parsed is not None:
             by_index.setdefault(parsed[0], {})[parsed[1]] = name
@@ -85,7 +98,7 @@ def plan_variant(
             f"has only {len(shards)} shard(s): prompts were removed; restore the prompt source "
             "or write to a new output"
         )
-    plan = VariantPlan()
+    plan = VariantPlan(damaged=dict(found.damaged))
     for shard in shards:
         parts = by_index.get(shard.index, {})
         if sorted(parts) != list(range(len(parts))):
@@ -93,9 +106,19 @@ def plan_variant(
                 f"shard {variant}/{shard.name}: committed pieces {sorted(parts.values())} "
                 "are not consecutive; the output was edited by hand"
             )
-        covered = 0
+        covered, rest = 0, len(parts)  # rest: the part number of what remains to make
         for part in range(len(parts)):
-            stats = all_stats.get(layout.shard_stats(variant, parts[part])) or {}
+            name = parts[part]
+            stats = all_stats.get(name)
+            if stats is None:  # damaged, and its stats cannot tell which prompts it held
+                rest = part
+                if part < len(parts) - 1:
+                    raise ResumeError(
+                        f"shard {variant}/{name} is damaged ({found.damaged[name]}) and later "
+                        "pieces of its shard are committed, so its prompts are unknown; restore "
+                        "it or write to a new output"
+                    )
+                break  # made again below, with the rest of the shard
             n = int(stats.get("rows", -1)) // images_per_prompt
             piece = ShardPart(shard.index, shard.prompts[covered : covered + n], part)
             if (
@@ -107,12 +130,15 @@ def plan_variant(
                     f"shard {variant}/{parts[part]} is committed but its prompts changed since; "
                     "restore the prompt source or write to a new output"
                 )
-            plan.committed.append(piece)
-            if stats.get("images_failed"):
-                plan.failed_images[piece.name] = int(stats["images_failed"])
+            if name in found.damaged:
+                plan.pending.append(piece)
+            else:
+                plan.committed.append(piece)
+                if stats.get("images_failed"):
+                    plan.failed_images[piece.name] = int(stats["images_failed"])
             covered += n
         if covered < len(shard.prompts):
-            plan.pending.append(ShardPart(shard.index, shard.prompts[covered:], len(parts)))
+            plan.pending.append(ShardPart(shard.index, shard.prompts[covered:], rest))
     return plan
 
 

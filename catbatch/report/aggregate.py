@@ -151,6 +151,7 @@ def aggregate_variant(vd: VariantData, opts: ReportOptions) -> dict[str, Any]:
         "columns_missing": [c for c in _METRIC_NAMES if c not in vd.columns],
         "shards_committed": len(vd.stats),
         "uncommitted_files": vd.uncommitted,
+        "unreadable_shards": vd.unreadable,
         "rows": len(rows),
         "images": len(ok),
         "failures": sum(r["status"] == "failed" for r in rows),
@@ -259,6 +260,9 @@ def completeness(run: RunData) -> tuple[dict[str, dict[str, Any]], list[str]]:
             n_planned, missing = None, []
         if missing:
             notes.append(f"variant {name}: {len(committed)} of {n_planned} shards committed")
+        for shard, why in vd.unreadable.items():
+            path = run.layout.display(run.layout.shard_parquet(name, shard))
+            notes.append(f"variant {name}: skipped unreadable shard {path} ({why})")
         out[name] = {"shards_planned": n_planned, "shards_missing": missing}
     return out, notes
 
