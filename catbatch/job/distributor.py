@@ -14,6 +14,7 @@ from typing import Any
 
 import ray
 
+from catbatch.job import reaper
 from catbatch.job.layout import OutputLayout
 from catbatch.job.manifest import Manifest
 from catbatch.job.observe import PoolObserver
@@ -37,6 +38,7 @@ def connect(address: str, num_cpus: int | None, object_store_mb: int) -> None:
             os.environ["RAY_ADDRESS"],
         )
     if address == "local":
+        reaper.start()  # the private cluster dies with this process, however it ends
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         kwargs.update(
             address="local",
@@ -87,6 +89,7 @@ class ShardActor:
         threads: int,
         env: dict[str, str] | None = None,
         driver_pid: int | None = None,
+        lease_generation: int | None = None,
     ):
         import torch
 
@@ -101,6 +104,7 @@ class ShardActor:
         self.layout = OutputLayout(manifest.output_url)
         if driver_pid is not None:  # same host: stop, uncommitted, if the driver dies
             self.worker.owner_alive = lambda: _pid_alive(driver_pid)
+        self.worker.lease_generation = lease_generation  # commits are fenced by the lease
         self.worker.placement = {
             "node_id": ray.get_runtime_context().get_node_id(),
             "host": socket.gethostname(),
@@ -255,6 +259,7 @@ def run_pool(
     gpus: float,
     observer: PoolObserver | None = None,
     stop: Callable[[], bool] | None = None,
+    lease_generation: int | None = None,
 ) -> PoolResult:
     """Run every task on a pull-based actor pool.
 
@@ -267,6 +272,8 @@ def run_pool(
     running ones get ``ray.stop_grace_s`` seconds to commit, then their actors are killed and
     the tasks are ``abandoned`` (still pending for the next run). An actor whose pipeline fails
     to load raises :class:`ray.exceptions.RayActorError` (the same error would hit every actor).
+    With ``lease_generation`` (the output lease the driver holds) an actor commits nothing once
+    a newer lease exists (see :mod:`catbatch.job.lease`).
     """
     spec = manifest.ray
     obs = observer or PoolObserver()
@@ -297,7 +304,7 @@ def run_pool(
         if started >= max_starts:
             return
         handle = ShardActor.options(num_cpus=cpus, num_gpus=gpus).remote(
-            payload, manifest.base_dir, source, threads, env, driver_pid
+            payload, manifest.base_dir, source, threads, env, driver_pid, lease_generation
         )
         actor = _Actor(handle, f"actor-{started}")
         started += 1

@@ -302,6 +302,7 @@ def submit(
         layout.write_json(layout.run_record, record)
 
     write_record("running", (p.previous or {}).get("summary"))
+    generation = lease.info.generation if lease is not None and lease.info else None
     t0 = time.perf_counter()
     if p.pending:
         distributor.connect(m.ray.address, num_cpus, m.ray.object_store_mb)
@@ -331,6 +332,7 @@ def submit(
                     gpus,
                     observer,
                     stop=lambda: stop.is_set() or (lease is not None and lease.lost.is_set()),
+                    lease_generation=generation,
                 )
         except ray.exceptions.RayActorError as e:
             observer.events.note("driver", "workers_failed", error=_root_cause(e))
@@ -346,7 +348,7 @@ def submit(
         summary.unfinished_tasks = len(p.pending) - len(result.done)
         worker_info = result.worker_info
     if p.retry and not summary.stopped and not (lease is not None and lease.lost.is_set()):
-        retried, retry_failed = resume.run_retries(m, p.model_source, p.retry, num_cpus)
+        retried, retry_failed = resume.run_retries(m, p.model_source, p.retry, num_cpus, generation)
         for stats in retried:
             summary.retried_images += stats["extra"]["retried_images"]
             summary.recovered_images += stats["extra"]["recovered_images"]

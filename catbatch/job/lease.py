@@ -10,6 +10,14 @@ generation supersedes it: the old holder sees that on its next heartbeat and set
 :attr:`Lease.lost`. Older generations are deleted by the next holder; the top one is kept, so
 generations only grow.
 
+Commits are fenced by the generation: a worker started under generation ``g`` re-reads the
+lease generations right before it writes a shard's files (:func:`check_generation`) and does
+not commit when a newer one exists. What remains is the time between that read and the write
+(one listing, then the write of the Parquet file or of the stats file): an orphan that passed
+the check just before a new driver took the lease still writes that one file. A stats file
+written so matches its own Parquet file; a Parquet file written so over a newer commit no
+longer matches that commit's stats, which resume and ``status`` then report as damaged.
+
 Staleness compares the holder's clock with the acquirer's: hosts must agree to well within the
 TTL (30 s by default; ``CATBATCH_LEASE_TTL_S`` and ``CATBATCH_LEASE_HEARTBEAT_S`` change it).
 """
@@ -39,6 +47,10 @@ log = logging.getLogger(__name__)
 
 class LeaseHeld(RuntimeError):
     """Another live submission holds the output's lease."""
+
+
+class LeaseLost(RuntimeError):
+    """A newer lease generation exists: the writer's submission no longer owns the output."""
 
 
 @dataclass
@@ -117,6 +129,17 @@ def current_lease(layout: OutputLayout) -> LeaseInfo | None:
     """The top lease record (live or not), or None when the output never had one."""
     gens = generations(layout)
     return read_lease(layout, gens[-1]) if gens else None
+
+
+def check_generation(layout: OutputLayout, generation: int) -> None:
+    """Raise :class:`LeaseLost` unless ``generation`` is still the output's newest lease."""
+    gens = generations(layout)
+    newest = gens[-1] if gens else None
+    if newest != generation:
+        raise LeaseLost(
+            f"the lease on {layout.display()} is at generation {newest}, not {generation}: "
+            "another submission owns the output"
+        )
 
 
 def ensure_free(layout: OutputLayout) -> None:

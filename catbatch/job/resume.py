@@ -194,11 +194,16 @@ def retry_failed(worker: Any, layout: OutputLayout, task: Task) -> ShardStats:
         time.perf_counter() - start,
         worker.device_name,
         {"retried_images": len(todo), "recovered_images": recovered},
+        before_write=lambda: worker.check_commit(task, layout),
     )
 
 
 def run_retries(
-    manifest: Any, source: dict, tasks: list[Task], num_cpus: int | None
+    manifest: Any,
+    source: dict,
+    tasks: list[Task],
+    num_cpus: int | None,
+    lease_generation: int | None = None,
 ) -> tuple[list[dict], dict[str, str]]:
     """Run :func:`retry_failed` for ``tasks`` on Ray, one pipeline per group of tasks.
 
@@ -213,7 +218,10 @@ def run_retries(
     payload = manifest.model_dump(mode="json", exclude_unset=True)
     remote = ray.remote(_retry_group).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
     groups = [tasks[i::n] for i in range(n)]
-    refs = [remote.remote(payload, manifest.base_dir, source, max(1, int(cpus)), g) for g in groups]
+    refs = [
+        remote.remote(payload, manifest.base_dir, source, max(1, int(cpus)), g, lease_generation)
+        for g in groups
+    ]
     done: list[dict] = []
     failed: dict[str, str] = {}
     for group, ref in zip(groups, refs, strict=True):
@@ -226,7 +234,12 @@ def run_retries(
 
 
 def _retry_group(
-    payload: dict, base_dir: str, source: dict, threads: int, tasks: list[Task]
+    payload: dict,
+    base_dir: str,
+    source: dict,
+    threads: int,
+    tasks: list[Task],
+    lease_generation: int | None,
 ) -> list[dict]:
     import torch
 
@@ -236,5 +249,6 @@ def _retry_group(
     torch.set_num_threads(threads)
     manifest = Manifest.model_validate({**payload, "base_dir": base_dir})
     worker = Worker(manifest, source)
+    worker.lease_generation = lease_generation
     layout = OutputLayout(manifest.output_url)
     return [asdict(retry_failed(worker, layout, t)) for t in tasks]

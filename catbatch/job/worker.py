@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from catbatch.job.layout import OutputLayout
+from catbatch.job.lease import LeaseLost, check_generation
 from catbatch.job.manifest import Manifest, Sampling
 from catbatch.job.prompts import Prompt
 from catbatch.job.seeds import image_generator, image_seed
@@ -136,6 +137,9 @@ class Worker:
         # False once the driver that owns this worker is gone: stop before the next batch and
         # never commit (a rerun may be writing the same shard); set by the Ray actor
         self.owner_alive: Callable[[], bool] = lambda: True
+        # the output's lease generation the driver held when it started this worker: nothing is
+        # written once a newer one exists (set by the Ray actor; None: not fenced)
+        self.lease_generation: int | None = None
         # where this worker runs (node, GPU ids, pid), set by the Ray actor; in each shard's stats
         self.placement: dict[str, Any] = {}
         self.events: list[dict[str, Any]] = []  # structured log, collected by take_events()
@@ -189,7 +193,6 @@ class Worker:
             rows.extend(self.generate_rows(batch, task, settings, f"{task.shard.name}-b{b // bs}"))
         order = {(it.prompt.sample_id, it.image_index): n for n, it in enumerate(items)}
         rows.sort(key=lambda r: order[(r.sample_id, r.image_index)])
-        self._check_owner(task)
         extra: dict[str, Any] = {"batch_splits": self.batch_splits} if self.batch_splits else {}
         if self.placement:
             extra["worker"] = self.placement
@@ -203,6 +206,7 @@ class Worker:
             self.device_name,
             extra,
             started_at,
+            before_write=lambda: self.check_commit(task, layout),
         )
         self.event(
             "task_commit",
@@ -217,6 +221,17 @@ class Worker:
     def _check_owner(self, task: Task) -> None:
         if not self.owner_alive():
             raise OrphanedTask(f"the driver of {task.key} is gone; the shard was not committed")
+
+    def check_commit(self, task: Task, layout: OutputLayout) -> None:
+        """Raise :class:`OrphanedTask` when this worker may no longer write ``task``'s files:
+        its driver is gone, or a newer submission took the output's lease."""
+        self._check_owner(task)
+        if self.lease_generation is None:
+            return
+        try:
+            check_generation(layout, self.lease_generation)
+        except LeaseLost as e:
+            raise OrphanedTask(f"{task.key} not committed: {e}") from None
 
     def generate_rows(
         self, batch: list[Item], task: Task, settings: Sampling, batch_id: str

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -184,11 +185,17 @@ def write_shard(
     device: str,
     extra: dict[str, Any] | None = None,
     started_at: float | None = None,
+    before_write: Callable[[], None] | None = None,
 ) -> ShardStats:
-    """Write the shard's Parquet file, then its stats file (the commit marker)."""
+    """Write the shard's Parquet file, then its stats file (the commit marker).
+
+    ``before_write`` runs right before each of the two writes and stops the commit by raising
+    (the fence of :func:`catbatch.job.lease.check_generation`)."""
+    check = before_write or (lambda: None)
     buf = io.BytesIO()
     pq.write_table(rows_to_table(rows), buf, compression="zstd")
     data = buf.getvalue()
+    check()
     layout.write_bytes(layout.shard_parquet(variant, shard), data)
     ok = sum(r.status == "ok" for r in rows)
     invalid = sum(r.status == "invalid" for r in rows)
@@ -207,5 +214,6 @@ def write_shard(
         extra=extra or {},
         started_at=started_at,
     )
+    check()
     layout.write_json(layout.shard_stats(variant, shard), asdict(stats))
     return stats
