@@ -89,9 +89,10 @@ def main() -> None:
 
     A YAML manifest names the model, prompts, seeds, sampling settings, pruning variants and
     the output location. Start with `catbatch validate MANIFEST`, then `catbatch submit
-    MANIFEST`. Exit codes: 0 success, 1 some shards failed, 2 bad input (nothing started),
-    3 another submission is writing the output,
-    143 stopped by SIGTERM (committed shards are kept; rerun the same command to finish).
+    MANIFEST`. Exit codes: 0 success, 1 some shards failed (status: the run is incomplete;
+    regenerate: the image failed), 2 bad input (nothing started), 3 another submission is
+    writing the output, 143 stopped by SIGTERM (committed shards are kept; rerun the same
+    command to finish).
     """
 
 

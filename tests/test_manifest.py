@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -204,3 +205,16 @@ def test_cat_that_would_prune_nothing_is_warned_about(tmp_path, steps, warned):
     # the 4-step variant 'cat' is below the threshold as well
     assert ("warning: variant cat: CAT prunes nothing in 4 steps" in res.stderr) is True
     assert "warning: variant full" not in res.stderr
+
+
+def test_readme_states_every_commands_exit_codes():
+    """The README's exit-code table has a row for every command; status exits 1 when incomplete."""
+    text = (REPO / "README.md").read_text()
+    rows = {
+        m.group(1): [c.strip() for c in m.group(2).split("|")]
+        for m in re.finditer(r"^\| `(\w+)` \|(.*)\|$", text, re.M)
+    }
+    assert set(rows) == set(main.commands), sorted(rows)
+    assert all(len(cells) == 5 and cells[0] for cells in rows.values())  # codes 0 1 2 3 143
+    assert rows["status"][1].startswith("incomplete")
+    assert rows["submit"][3].startswith("another submission holds the output's lease")
