@@ -232,8 +232,8 @@ time.sleep(600)
 
 def test_orphan_does_not_commit_once_a_new_driver_holds_the_lease(worker_and_plan):
     """The driver of a worker is SIGKILLed and a new driver takes the output's lease: the
-    orphaned worker finishes its shard but commits nothing (it re-reads the lease generation
-    right before writing); under the current lease the same worker commits."""
+    orphaned worker finishes its shard but does not commit it (it re-reads the lease generation
+    right before writing the stats file); under the current lease the same worker commits."""
     worker, p = worker_and_plan
     worker.faults = None
     task, layout = p.tasks[1], p.layout
@@ -253,7 +253,7 @@ def test_orphan_does_not_commit_once_a_new_driver_holds_the_lease(worker_and_pla
     try:
         with pytest.raises(OrphanedTask, match="another submission owns the output"):
             worker.run_task(task, layout)
-        assert not any(folder.glob(f"{task.shard.name}.*"))
+        assert not (folder / f"{task.shard.name}.stats.json").exists()
         worker.lease_generation = new.info.generation
         stats = worker.run_task(task, layout)
         assert stats.images_ok == len(task.shard.prompts)

@@ -11,12 +11,12 @@ generation supersedes it: the old holder sees that on its next heartbeat and set
 generations only grow.
 
 Commits are fenced by the generation: a worker started under generation ``g`` re-reads the
-lease generations right before it writes a shard's files (:func:`check_generation`) and does
-not commit when a newer one exists. What remains is the time between that read and the write
-(one listing, then the write of the Parquet file or of the stats file): an orphan that passed
-the check just before a new driver took the lease still writes that one file. A stats file
-written so matches its own Parquet file; a Parquet file written so over a newer commit no
-longer matches that commit's stats, which resume and ``status`` then report as damaged.
+lease generations right before it writes a shard's stats file, the commit marker
+(:func:`check_generation`), and does not commit when a newer one exists. What remains: an
+orphan that passed the check just before a new driver took the lease still writes its stats
+file (it matches the orphan's own complete Parquet file of the same prompts and seeds); and the
+Parquet file, written before the check, can replace a newer commit's, which then no longer
+matches its stats: resume and ``status`` report that shard damaged and it is made again.
 
 Staleness compares the holder's clock with the acquirer's: hosts must agree to well within the
 TTL (30 s by default; ``CATBATCH_LEASE_TTL_S`` and ``CATBATCH_LEASE_HEARTBEAT_S`` change it).

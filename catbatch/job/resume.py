@@ -194,7 +194,7 @@ def retry_failed(worker: Any, layout: OutputLayout, task: Task) -> ShardStats:
         time.perf_counter() - start,
         worker.device_name,
         {"retried_images": len(todo), "recovered_images": recovered},
-        before_write=lambda: worker.check_commit(task, layout),
+        before_commit=lambda: worker.check_commit(task, layout),
     )
 
 

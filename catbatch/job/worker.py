@@ -193,6 +193,7 @@ class Worker:
             rows.extend(self.generate_rows(batch, task, settings, f"{task.shard.name}-b{b // bs}"))
         order = {(it.prompt.sample_id, it.image_index): n for n, it in enumerate(items)}
         rows.sort(key=lambda r: order[(r.sample_id, r.image_index)])
+        self._check_owner(task)
         extra: dict[str, Any] = {"batch_splits": self.batch_splits} if self.batch_splits else {}
         if self.placement:
             extra["worker"] = self.placement
@@ -206,7 +207,7 @@ class Worker:
             self.device_name,
             extra,
             started_at,
-            before_write=lambda: self.check_commit(task, layout),
+            before_commit=lambda: self.check_commit(task, layout),
         )
         self.event(
             "task_commit",
@@ -223,8 +224,8 @@ class Worker:
             raise OrphanedTask(f"the driver of {task.key} is gone; the shard was not committed")
 
     def check_commit(self, task: Task, layout: OutputLayout) -> None:
-        """Raise :class:`OrphanedTask` when this worker may no longer write ``task``'s files:
-        its driver is gone, or a newer submission took the output's lease."""
+        """Raise :class:`OrphanedTask` when this worker may no longer commit ``task``: its
+        driver is gone, or a newer submission took the output's lease (re-read now)."""
         self._check_owner(task)
         if self.lease_generation is None:
             return

@@ -185,17 +185,15 @@ def write_shard(
     device: str,
     extra: dict[str, Any] | None = None,
     started_at: float | None = None,
-    before_write: Callable[[], None] | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> ShardStats:
     """Write the shard's Parquet file, then its stats file (the commit marker).
 
-    ``before_write`` runs right before each of the two writes and stops the commit by raising
-    (the fence of :func:`catbatch.job.lease.check_generation`)."""
-    check = before_write or (lambda: None)
+    ``before_commit`` runs right before the stats file is written and stops the commit by
+    raising (the fence of :func:`catbatch.job.lease.check_generation`)."""
     buf = io.BytesIO()
     pq.write_table(rows_to_table(rows), buf, compression="zstd")
     data = buf.getvalue()
-    check()
     layout.write_bytes(layout.shard_parquet(variant, shard), data)
     ok = sum(r.status == "ok" for r in rows)
     invalid = sum(r.status == "invalid" for r in rows)
@@ -214,6 +212,7 @@ def write_shard(
         extra=extra or {},
         started_at=started_at,
     )
-    check()
+    if before_commit is not None:
+        before_commit()
     layout.write_json(layout.shard_stats(variant, shard), asdict(stats))
     return stats
