@@ -211,10 +211,6 @@ class OutputLayout:
         data = self.read_bytes(path)
         return None if data is None else json.loads(data)
 
-    def read_json_many(self, paths: list[str]) -> dict[str, Any]:
-        """``{path: object}`` for the paths that exist; one batched request on object stores."""
-        return {p: json.loads(data) for p, data in self.read_bytes_many(paths).items()}
-
     def read_bytes_many(self, paths: list[str]) -> dict[str, bytes]:
         """``{path: content}`` for the paths that exist; one batched request on object stores."""
         if self.is_local or len(paths) < 2:
@@ -276,11 +272,6 @@ class OutputLayout:
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
-
-    def committed_shards(self, variant: str) -> set[str]:
-        """Names of the variant's shards whose stats file (commit marker) exists."""
-        names = self.list_names("variants", variant)
-        return {n.removesuffix(".stats.json") for n in names if n.endswith(".stats.json")}
 
     def check_writable(self) -> None:
         """Create the root and write/remove a probe file; raise OSError with a clear reason."""

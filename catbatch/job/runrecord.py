@@ -99,7 +99,7 @@ def submission_entry(tasks: int, retry_tasks: int, logs: str | None) -> dict[str
 def committed_totals(layout: OutputLayout, planned: dict[str, dict[str, int]]) -> dict[str, int]:
     """Images and shard pieces of the run over every committed piece of ``planned``."""
     paths = [layout.shard_stats(v, name) for v, pieces in planned.items() for name in pieces]
-    stats = layout.read_json_many(paths).values()
+    stats = [s for s in map(_json_or_none, layout.read_bytes_many(paths).values()) if s]
     return {
         "shards_planned": len(paths),
         "shards_committed": len(stats),
@@ -107,6 +107,14 @@ def committed_totals(layout: OutputLayout, planned: dict[str, dict[str, int]]) -
         "images_failed": sum(int(s.get("images_failed", 0)) for s in stats),
         "images_invalid": sum(int(s.get("images_invalid", 0)) for s in stats),
     }
+
+
+def _json_or_none(data: bytes) -> dict | None:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None  # a damaged stats file: the next submit moves it aside
+    return obj if isinstance(obj, dict) else None
 
 
 def run_record(
