@@ -266,7 +266,7 @@ def run_catbatch(work: Path, variant: str, actors: int, repeat: int, num_cpus: i
     res.pipe_s_per_image = _pipeline_s_per_image(out)
     res.outside = outside_share(res.pipe_s_per_image, res.steady_ips, actors)
     record = json.loads((out / "run.json").read_text())
-    res.driver_s = record.get("summary", {}).get("seconds")
+    res.driver_s = record["submissions"][-1]["summary"].get("seconds")
     info = record.get("pipeline", {}).get("metrics", {})
     res.metrics = {
         "macs": info.get("macs") == "counted",

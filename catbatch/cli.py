@@ -15,7 +15,6 @@ from catbatch.job.manifest import ManifestError, load_manifest
 
 EXIT_BAD_INPUT = 2
 EXIT_BUSY = 3  # another submission holds the output's lease
-EXIT_SIGTERM = 143  # 128 + SIGTERM, as a shell reports a process ended by the signal
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -39,6 +38,26 @@ def _plan(m, check_model: bool = True):
         return plan(m, check_model=check_model)
     except (PromptSourceError, ModelLoadError, JobError) as e:
         _fail(str(e))
+
+
+def _warn(p) -> None:
+    """The plan's warnings on stderr, once the command goes ahead."""
+    for warning in p.warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+def _refuse_if_busy(url: str) -> None:
+    """Exit 3 at once, before reading prompts or loading anything, when another submission
+    holds the output's lease (storage errors are left to the checks that follow)."""
+    from catbatch.job.layout import OutputLayout
+    from catbatch.job.lease import LeaseHeld, ensure_free
+
+    try:
+        ensure_free(OutputLayout(url))
+    except LeaseHeld as e:
+        _fail(str(e), code=EXIT_BUSY)
+    except (OSError, ValueError, ImportError):
+        pass
 
 
 @contextmanager
@@ -70,9 +89,10 @@ def main() -> None:
 
     A YAML manifest names the model, prompts, seeds, sampling settings, pruning variants and
     the output location. Start with `catbatch validate MANIFEST`, then `catbatch submit
-    MANIFEST`. Exit codes: 0 success, 1 some shards failed, 2 bad input (nothing started),
-    3 another submission is writing the output,
-    143 stopped by SIGTERM (committed shards are kept; rerun the same command to finish).
+    MANIFEST`. Exit codes: 0 success, 1 some shards failed (status: the run is incomplete;
+    regenerate: the image failed), 2 bad input (nothing started), 3 another submission is
+    writing the output, 143 stopped by SIGTERM (committed shards are kept; rerun the same
+    command to finish).
     """
 
 
@@ -91,6 +111,7 @@ def validate(manifest: str, output: str | None, no_model_check: bool) -> None:
     resolved = m.model_dump(mode="json")
     resolved["resolved_variants"] = {k: v.model_dump() for k, v in m.resolved_variants().items()}
     click.echo(json.dumps(resolved, indent=2))
+    _warn(p)
     c = p.counts()
     click.echo(
         f"ok: {c['prompts']} prompts, {c['samples']} samples, {c['shards']} shards, "
@@ -105,6 +126,11 @@ def validate(manifest: str, output: str | None, no_model_check: bool) -> None:
 @click.option("--actors", type=int, help="Number of actors (default: manifest, 'auto').")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output of a different run.")
 @click.option("--retry-failed", is_flag=True, help="Also make again the images recorded as failed.")
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Check committed shards by sha256 and Parquet footer too (default: existence and size).",
+)
 @click.option("--num-cpus", type=int, help="CPUs of the private local cluster (default: all).")
 @click.option(
     "--gpus-per-actor",
@@ -125,6 +151,7 @@ def submit(
     actors: int | None,
     overwrite: bool,
     retry_failed: bool,
+    verify: bool,
     num_cpus: int | None,
     gpus_per_actor: float | None,
     cpu_only: bool,
@@ -138,7 +165,9 @@ def submit(
     task when idle. A shard is committed when its `.stats.json` is written; resubmitting the
     same manifest skips committed shards and finishes the rest; prompts appended to the source
     become new shards (a short last shard is completed by an extension piece `-x1`).
-    `--retry-failed` replaces the failed rows of committed shards with new images.
+    `--retry-failed` replaces the failed rows of committed shards with new images. A committed
+    shard whose Parquet file is missing or does not match its stats (size; with `--verify` also
+    sha256 and footer) is moved to OUTPUT/damaged/ and made again.
 
     One submission at a time writes an output: the second exits with code 3 while the first
     holds the output's lease (renewed every 10 s, free 30 s after its driver dies).
@@ -160,12 +189,16 @@ def submit(
     cluster = cluster_overrides(m, address, actors, gpus_per_actor, cpu_only, dtype)
     if cluster:
         m = _load(manifest, {**overrides, **cluster})
+    _refuse_if_busy(m.output_url)
     p = _plan(m)
     with _output_lease(p.layout) as lease:
         try:
-            prepare_output(p, overwrite, retry_failed)
+            prepare_output(p, overwrite, retry_failed, verify)
         except (JobError, OSError) as e:
             _fail(str(e))
+        for line in p.damaged:
+            click.echo(f"damaged shard {line}", err=True)
+        _warn(p)
         c = p.counts()
         retry = f"; {len(p.retry)} shard(s) with failed images to retry" if p.retry else ""
         click.echo(
@@ -180,10 +213,7 @@ def submit(
             _fail(str(e), code=1)
     for line in summary.lines():
         click.echo(line)
-    if summary.stopped:
-        sys.exit(EXIT_SIGTERM)
-    if summary.failed_tasks:
-        sys.exit(1)
+    sys.exit(summary.exit_code)
 
 
 def cluster_overrides(
@@ -213,16 +243,20 @@ def cluster_overrides(
 @main.command()
 @click.argument("output")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(output: str, as_json: bool) -> None:
+@click.option(
+    "--verify", is_flag=True, help="Also check each committed file's sha256 and Parquet footer."
+)
+def status(output: str, as_json: bool, verify: bool) -> None:
     """Show committed, pending and failed shards and images of the run at OUTPUT (a path or URL).
 
-    Exit code 0 when every planned shard is committed, 1 when some are pending, 2 when OUTPUT
-    holds no run.
+    A committed shard whose Parquet file is missing or differs in size from its stats (with
+    --verify: in sha256 or footer) is reported as damaged. Exit code 0 when every planned shard
+    is committed and intact, 1 when some are pending or damaged, 2 when OUTPUT holds no run.
     """
     from catbatch.job.status import StatusError, output_status
 
     try:
-        st = output_status(output)
+        st = output_status(output, verify)
     except (StatusError, OSError) as e:
         _fail(str(e))
     if as_json:
@@ -269,6 +303,7 @@ def regenerate(
         _fail(f"variant {name!r} is not in {manifest}; variants: {', '.join(variants)}")
     if not 0 <= image_index < m.images_per_prompt:
         _fail(f"--image-index must be in [0, {m.images_per_prompt})")
+    _warn(p)
     worker = Worker(m, p.model_source)
     item = [it for it in worker.items(matches) if it.image_index == image_index]
     rows = worker.generate_rows(item, Task(name, Shard(0, tuple(matches))), variants[name], "regen")
@@ -294,6 +329,7 @@ def report(
     report.html (one self-contained page with plots and paired images). Works on a run that
     is still partial and says so.
     """
+    from catbatch.job.layout import OutputLayout
     from catbatch.report import ReportError, ReportOptions, make_report
 
     options = ReportOptions(baseline=baseline, bootstrap=bootstrap, seed=seed, pairs=pairs)
@@ -302,6 +338,11 @@ def report(
     except (ReportError, OSError) as e:
         _fail(str(e))
     data = result.data
+    layout = OutputLayout(output)
+    for name in data["variants_order"]:
+        for shard, why in data["variants"][name]["unreadable_shards"].items():
+            path = layout.display(layout.shard_parquet(name, shard))
+            click.echo(f"warning: skipped unreadable shard {path}: {why}", err=True)
     if data["partial"]:
         click.echo("partial run: " + "; ".join(data["notes"]), err=True)
     for name in data["variants_order"]:
@@ -309,6 +350,7 @@ def report(
         speedup = (v.get("vs_baseline") or {}).get("speedup")
         click.echo(
             f"{name}: {v['images']} images, {v['failures']} failed"
+            + (f", {v['invalid']} invalid" if v.get("invalid") else "")
             + (f", speed-up {speedup:.2f}x" if speedup else "")
         )
     for path in files.values():

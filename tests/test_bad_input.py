@@ -158,8 +158,9 @@ def test_layout_refuses_path_components_from_data(tmp_path):
 
 @pytest.mark.slow
 def test_bad_single_prompts_and_hostile_ids_become_rows(tmp_path, ray_cluster):
-    """Empty, whitespace-only and NUL prompts fail alone with the reason; ids like '../../x'
-    stay data: every file written is inside the output location."""
+    """Empty, whitespace-only and NUL prompts are named by validate (file and line) and recorded
+    as `invalid` rows with the reason, which --retry-failed leaves alone and status counts
+    apart; ids like '../../x' stay data: every file written is inside the output location."""
     records = [
         {"id": "../../x", "prompt": "a red fox"},
         {"id": "/tmp/evil", "prompt": "   \t "},
@@ -172,10 +173,17 @@ def test_bad_single_prompts_and_hostile_ids_become_rows(tmp_path, ray_cluster):
     text = text.replace("shard_size: 4", "shard_size: 8")
     path = tmp_path / "m.yaml"
     path.write_text(text)
+    res = CliRunner().invoke(main, ["validate", str(path), "--no-model-check"])
+    assert res.exit_code == 0, res.output
+    source = tmp_path / "p.jsonl"
+    for line, why in ((2, "empty prompt"), (3, "prompt contains a NUL byte"), (4, "empty prompt")):
+        assert f"warning: {source} line {line}: {why}" in res.stderr, res.stderr
+    assert "3 prompt(s) cannot be generated" in res.stderr
     outside = tmp_path.parent / "x"
     before = files_under(tmp_path)
     res = CliRunner().invoke(main, ["submit", str(path), "--quiet"])
     assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "images: 4 generated, 0 failed, 6 invalid" in res.stdout
     new = files_under(tmp_path) - before
     assert new and all(name == "out" or name.startswith("out/") for name in new)
     assert not outside.exists() and not Path("/tmp/evil").exists()
@@ -184,8 +192,33 @@ def test_bad_single_prompts_and_hostile_ids_become_rows(tmp_path, ray_cluster):
         rows = {r["sample_id"]: r for f in files for r in pq.read_table(f).to_pylist()}
         assert set(rows) == {r["id"] for r in records}
         assert rows["../../x"]["status"] == "ok" and rows["ok"]["status"] == "ok"
-        assert rows["/tmp/evil"]["status"] == "failed"
+        assert rows["/tmp/evil"]["status"] == "invalid"
         assert rows["/tmp/evil"]["error"] == "empty prompt"
-        assert rows[".."]["error"] == "empty prompt"
+        assert rows[".."]["error"] == "empty prompt" and rows[".."]["status"] == "invalid"
         assert rows["nul"]["error"] == "prompt contains a NUL byte"
         assert rows["nul"]["image"] is None and rows["../../x"]["image"]["bytes"]
+        stats = json.loads(
+            (tmp_path / "out/variants" / variant / "shard-00000.stats.json").read_text()
+        )
+        assert (stats["images_ok"], stats["images_failed"], stats["images_invalid"]) == (2, 0, 3)
+    res = CliRunner().invoke(main, ["status", str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    full = json.loads(res.output)["variants"]["full"]
+    assert (full["images_ok"], full["images_failed"], full["images_invalid"]) == (2, 0, 3)
+    res = CliRunner().invoke(main, ["status", str(tmp_path / "out")])
+    assert "--retry-failed" not in res.output and "invalid" in res.output
+    assert "full: 3 image(s) of prompts that cannot be generated, in shard-00000" in res.output
+    res = CliRunner().invoke(main, ["submit", str(path), "--quiet", "--retry-failed"])
+    assert res.exit_code == 0 and "0 of 2 tasks to run\n" in res.output, res.output
+
+
+def test_printed_output_paths_are_normalised(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"name": "n", "variants": [], "planned_shards": {}}))
+    winding = str(tmp_path / "a" / "b" / ".." / ".." / "out")
+    assert OutputLayout(winding).display() == str(out)
+    res = CliRunner().invoke(main, ["status", winding])
+    assert f"output: {out}\n" in res.output and ".." not in res.output
+    res = CliRunner().invoke(main, ["status", str(tmp_path / "a" / ".." / "none")])
+    assert res.exit_code == 2 and f"{tmp_path / 'none'} holds no catbatch run" in res.output

@@ -21,8 +21,9 @@ import pytest
 
 from catbatch.cli import main
 from catbatch.job.driver import plan
+from catbatch.job.lease import Lease
 from catbatch.job.manifest import load_manifest
-from catbatch.job.worker import FAULTS_ENV, InjectedFaults, Worker
+from catbatch.job.worker import FAULTS_ENV, InjectedFaults, OrphanedTask, Worker
 
 PROMPTS = ["a red fox", "a blue boat", "a green tree", "a yellow house", "a black cat", "a bird"]
 
@@ -217,6 +218,51 @@ def test_exception_and_nan_from_inside_the_pipeline(worker_and_plan):
     assert (stats.images_ok, stats.images_failed) == (4, 0)
 
 
+# A driver that takes the output's lease, prints its generation and waits to be killed.
+LEASE_HOLDER = """
+import sys, time
+from catbatch.job.layout import OutputLayout
+from catbatch.job.lease import Lease
+lease = Lease(OutputLayout(sys.argv[1]))
+lease.acquire()
+print(lease.info.generation, flush=True)
+time.sleep(600)
+"""
+
+
+def test_orphan_does_not_commit_once_a_new_driver_holds_the_lease(worker_and_plan):
+    """The driver of a worker is SIGKILLed and a new driver takes the output's lease: the
+    orphaned worker finishes its shard but does not commit it (it re-reads the lease generation
+    right before writing the stats file); under the current lease the same worker commits."""
+    worker, p = worker_and_plan
+    worker.faults = None
+    task, layout = p.tasks[1], p.layout
+    folder = Path(layout.root) / "variants" / "default"
+    for name in (f"{task.shard.name}.parquet", f"{task.shard.name}.stats.json"):
+        (folder / name).unlink(missing_ok=True)
+    old = subprocess.Popen(
+        [sys.executable, "-c", LEASE_HOLDER, layout.root], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        worker.lease_generation = int(old.stdout.readline())
+    finally:
+        old.kill()
+        old.wait()
+    new = Lease(layout)
+    new.acquire()  # free at once: its holder died on this host
+    try:
+        with pytest.raises(OrphanedTask, match="another submission owns the output"):
+            worker.run_task(task, layout)
+        assert not (folder / f"{task.shard.name}.stats.json").exists()
+        worker.lease_generation = new.info.generation
+        stats = worker.run_task(task, layout)
+        assert stats.images_ok == len(task.shard.prompts)
+        assert (folder / f"{task.shard.name}.stats.json").exists()
+    finally:
+        worker.lease_generation = None
+        new.release()
+
+
 # -- actors and the pool -------------------------------------------------------------------
 
 
@@ -365,12 +411,11 @@ def test_driver_sigkilled_mid_run_then_rerun_matches_uninterrupted(tmp_path, ray
     assert 1 <= len(first) < 3
     before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*.stats.json")}
     try:
-        # The dead driver's workers stop at their next batch and commit nothing; Ray's agents
-        # may linger (they are ended below) and must not disturb the rerun.
-        workers = [p for p in family if names[p.pid].startswith("ray::ShardActor")]
-        assert workers
-        _, alive = psutil.wait_procs(workers, timeout=60)
-        assert not alive, f"workers of the killed driver still running: {alive}"
+        # Every process of the dead driver's private cluster (found by the pids recorded above:
+        # agents, workers, the watchdog) ends within seconds, and its workers commit nothing.
+        assert any(names[p.pid].startswith("ray::ShardActor") for p in family)
+        _, alive = psutil.wait_procs(family, timeout=10)
+        assert not alive, f"still running 10 s after the driver: {[names[p.pid] for p in alive]}"
         assert committed(out) == first
         env = {k: v for k, v in os.environ.items() if k != FAULTS_ENV}
         rerun = subprocess.run(_cli(path), env=env, capture_output=True, text=True, timeout=300)

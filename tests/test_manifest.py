@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -101,9 +102,15 @@ def test_yaml_is_loaded_safely():
 
 
 def test_duplicate_variant_names(tmp_path):
+    """The error points at the repeated name (file, line, column) and shows no manifest dump."""
     text = GOOD.replace("name: cat-8", "name: cat")
-    with pytest.raises(ManifestError, match="repeated: cat"):
+    with pytest.raises(ManifestError) as err:
         load_manifest(write(tmp_path, text))
+    message = str(err.value)
+    assert message == (
+        f"{tmp_path / 'm.yaml'}:12:11: variants[2].name: 'cat' is already the name of "
+        "variants[1]; variant names must be unique"
+    )
 
 
 def test_missing_manifest_file(tmp_path):
@@ -180,3 +187,34 @@ def test_manifest_round_trips_for_actors(tmp_path):
         {**m.model_dump(mode="json", exclude_unset=True), "base_dir": m.base_dir}
     )
     assert again.resolved_variants() == m.resolved_variants()
+
+
+@pytest.mark.parametrize(("steps", "warned"), [(8, True), (9, False)])
+def test_cat_that_would_prune_nothing_is_warned_about(tmp_path, steps, warned):
+    """Steps 0..7 always run in full (last_full_step 5, reference, clustering): CAT at 8 steps
+    would make the unpruned images; validate and submit say so instead of going ahead silently."""
+    text = GOOD.replace("steps: 8", f"steps: {steps}")
+    res = CliRunner().invoke(main, ["validate", str(write(tmp_path, text)), "--no-model-check"])
+    assert res.exit_code == 0, res.output
+    warning = (
+        f"warning: variant cat-8: CAT prunes nothing in {steps} steps: steps 0..7 run in full "
+        "(pruning.last_full_step 5, then the reference and clustering steps); use steps >= 9 "
+        "or a lower pruning.last_full_step"
+    )
+    assert (warning in res.stderr) is warned, res.stderr
+    # the 4-step variant 'cat' is below the threshold as well
+    assert ("warning: variant cat: CAT prunes nothing in 4 steps" in res.stderr) is True
+    assert "warning: variant full" not in res.stderr
+
+
+def test_readme_states_every_commands_exit_codes():
+    """The README's exit-code table has a row for every command; status exits 1 when incomplete."""
+    text = (REPO / "README.md").read_text()
+    rows = {
+        m.group(1): [c.strip() for c in m.group(2).split("|")]
+        for m in re.finditer(r"^\| `(\w+)` \|(.*)\|$", text, re.M)
+    }
+    assert set(rows) == set(main.commands), sorted(rows)
+    assert all(len(cells) == 5 and cells[0] for cells in rows.values())  # codes 0 1 2 3 143
+    assert rows["status"][1].startswith("incomplete")
+    assert rows["submit"][3].startswith("another submission holds the output's lease")

@@ -205,7 +205,8 @@ def expected_variant(out: Path, variant: str, bootstrap: int, seed: int) -> dict
     exp = {
         "rows": len(rows),
         "images": len(ok),
-        "failures": len(rows) - len(ok),
+        "failures": sum(r["status"] == "failed" for r in rows),
+        "invalid": sum(r["status"] == "invalid" for r in rows),
         "shards_committed": len(stats),
         "failure_examples": [
             {"sample_id": r["sample_id"], "image_index": r["image_index"], "error": r["error"]}
@@ -252,7 +253,7 @@ def expected_variant(out: Path, variant: str, bootstrap: int, seed: int) -> dict
         dlat = [r["latency_s"] for r in dok if not r.get("warmup")]
         exp["devices"][dev] = {
             "images": len(dok),
-            "failures": len(mine) - len(dok),
+            "failures": sum(r["status"] == "failed" for r in mine),
             "latency_mean_s": sum(dlat) / len(dlat) if dlat else None,
             "gpu_seconds": sum(col(mine, "gpu_seconds")) if col(mine, "gpu_seconds") else None,
             "cost_usd": sum(col(mine, "cost_usd")) if col(mine, "cost_usd") else None,
@@ -394,6 +395,36 @@ def test_every_number_matches_the_rows(run_dir: Path):
     lo, hi = cat["clip"]["ci95"]
     assert lo < cat["clip"]["mean"] < hi
     assert cat["clip"]["models"] == ["tiny-clip/random"]
+
+
+def test_invalid_rows_are_counted_apart_from_failures(run_dir: Path):
+    """Rows of prompts that cannot be generated are neither images nor failures."""
+    path = run_dir / "variants" / "full" / "shard-00001.parquet"
+    rows = pq.read_table(path).to_pylist()
+    rows[0].update(status="invalid", error="empty prompt", image=None)
+    pq.write_table(pa.Table.from_pylist(rows, schema=FULL_SCHEMA), path)
+    res = CliRunner().invoke(main, ["report", str(run_dir), "--bootstrap", "100"])
+    assert res.exit_code == 0, res.output
+    assert "full: 11 images, 0 failed, 1 invalid" in res.output
+    report = read_report(run_dir / "report")
+    full = report["variants"]["full"]
+    assert (full["images"], full["failures"], full["invalid"]) == (11, 0, 1)
+    check_report(run_dir, report, "full", 100, 0)
+
+
+def test_unreadable_shard_is_named_skipped_and_the_report_still_written(run_dir: Path):
+    path = run_dir / "variants" / "cat" / "shard-00001.parquet"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # stats file stays
+    res = CliRunner().invoke(main, ["report", str(run_dir), "--bootstrap", "100"])
+    assert res.exit_code == 0, res.output
+    assert "Traceback" not in res.output
+    assert f"warning: skipped unreadable shard {path}" in res.stderr, res.stderr
+    report = read_report(run_dir / "report")
+    cat = report["variants"]["cat"]
+    assert cat["rows"] == 6 and list(cat["unreadable_shards"]) == ["shard-00001"]
+    assert report["partial"] and any(str(path) in n for n in report["notes"])
+    assert cat["fidelity"]["pairs"] == 6  # the ok images of shard-00000, against full
+    assert (run_dir / "report" / "report.html").exists()
 
 
 def test_bootstrap_is_seeded(run_dir: Path):

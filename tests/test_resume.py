@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -265,6 +266,87 @@ def test_second_submission_refused_while_lease_held(tmp_path, reference_run):
     assert "0 of 3 tasks to run" in text
     code, text = cli("status", str(out))
     assert code == 0 and "lease: free" in text
+
+
+def test_damaged_shards_are_named_moved_aside_and_made_again(tmp_path, reference_run, reference):
+    """A truncated, a missing and a bit-flipped Parquet file whose stats stay: status names them
+    (the flipped one with --verify) and is not complete; submit moves them aside (never deletes
+    them) and makes them again."""
+    out = copy_run(reference_run, tmp_path, "damaged")
+    path, flags = reference_run[1], ("--output", str(out))
+    folder = out / "variants" / "full"
+    originals = {p.name: p.read_bytes() for p in folder.iterdir()}
+    truncated = folder / "shard-00000.parquet"
+    truncated.write_bytes(originals[truncated.name][: len(originals[truncated.name]) // 2])
+    (folder / "shard-00002.parquet").unlink()
+    flipped = bytearray(originals["shard-00001.parquet"])
+    flipped[len(flipped) // 2] ^= 0xFF
+    (folder / "shard-00001.parquet").write_bytes(bytes(flipped))
+
+    code, text = cli("status", str(out))
+    assert code == 1 and text.splitlines()[-1].startswith("incomplete"), text
+    size = len(originals[truncated.name])
+    assert (
+        f"damaged shard full/shard-00000: its Parquet file has {size // 2} bytes, its stats say "
+        f"{size} (submit moves it aside and makes it again)"
+    ) in text
+    assert "damaged shard full/shard-00002: its Parquet file is missing" in text
+    assert "shard-00001" not in text  # same size: only --verify reads the bytes
+    code, text = cli("status", str(out), "--verify", "--json")
+    assert code == 1
+    damaged = json.loads(text)["variants"]["full"]["damaged_shards"]
+    assert sorted(damaged) == ["shard-00000", "shard-00001", "shard-00002"]
+    assert damaged["shard-00001"] == "its Parquet file's sha256 differs from its stats"
+
+    text = submit(path, *flags, "--verify")
+    assert "3 of 3 tasks to run" in text
+    for name in ("shard-00000", "shard-00001", "shard-00002"):
+        assert f"damaged shard full/{name}: " in text and "made again" in text
+    (aside,) = (out / "damaged").iterdir()  # one folder per submission
+    kept = {p.name: p.read_bytes() for p in (aside / "full").iterdir()}
+    assert kept == {
+        "shard-00000.parquet": originals["shard-00000.parquet"][: size // 2],
+        "shard-00001.parquet": bytes(flipped),
+        **{f"shard-0000{i}.stats.json": originals[f"shard-0000{i}.stats.json"] for i in range(3)},
+    }
+    rows = rows_by_id(out)
+    assert rows.keys() == reference.keys()
+    for key, row in rows.items():
+        assert row["image"]["bytes"] == reference[key]["image"]["bytes"], key
+    code, text = cli("status", str(out), "--verify")
+    assert code == 0 and text.splitlines()[-1] == "complete", text
+
+
+def test_resubmits_keep_the_run_record(tmp_path, reference_run):
+    """Each submission appends an entry to run.json; pipeline and logs stay; the summary counts
+    every committed shard, whichever submission wrote it (the nightly cron resubmits)."""
+    out = copy_run(reference_run, tmp_path, "nightly")
+    path, flags = reference_run[1], ("--output", str(out))
+    first = json.loads((out / "run.json").read_text())
+    assert first["pipeline"]["pipeline_class"] and first["logs"]
+    (entry,) = first["submissions"]
+    assert entry["status"] == "complete" and entry["exit_code"] == 0 and entry["tasks"] == 3
+    assert entry["host"] == socket.gethostname() and entry["logs"] == first["logs"]
+    assert entry["summary"]["images"] == 6 and entry["finished_at"] >= entry["started_at"]
+    for name in ("shard-00001.stats.json", "shard-00001.parquet"):
+        (out / "variants" / "full" / name).unlink()
+
+    submit(path, *flags)  # one shard to make
+    second = json.loads((out / "run.json").read_text())
+    assert second["submissions"][0] == entry
+    made = second["submissions"][1]
+    assert (made["tasks"], made["summary"]["images"], made["status"]) == (1, 2, "complete")
+    assert made["logs"] and made["logs"] == second["logs"]
+
+    submit(path, *flags)  # nothing left to do
+    third = json.loads((out / "run.json").read_text())
+    assert third["submissions"][:2] == second["submissions"]
+    idle = third["submissions"][2]
+    assert (idle["tasks"], idle["summary"]["images"], idle["logs"]) == (0, 0, None)
+    assert third["pipeline"] == second["pipeline"] and third["logs"] == second["logs"]
+    assert third["status"] == "complete"
+    totals = {k: third["summary"][k] for k in ("images_ok", "images_failed", "shards_committed")}
+    assert totals == {"images_ok": 6, "images_failed": 0, "shards_committed": 3}
 
 
 def test_retry_keeps_every_column_of_untouched_rows():

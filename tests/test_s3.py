@@ -101,6 +101,18 @@ def test_submit_extend_status_lease_on_s3(tmp_path, s3_server, ray_cluster, capl
     finally:
         holder.release()
 
+    # a lost object: status names it, the next submit moves its stats aside and makes it again
+    root = url.removeprefix("s3://")
+    fresh_fs().rm_file(f"{root}/variants/full/shard-00002.parquet")
+    code, text = cli("status", url, "--verify")
+    assert code == 1 and "damaged shard full/shard-00002: its Parquet file is missing" in text
+    code, out = cli("submit", str(path), "--quiet")
+    assert code == 0 and "1 of 4 tasks to run" in out, out
+    assert len(s3_rows(url)) == 5
+    assert [p.rsplit("/", 1)[1] for p in fresh_fs().find(f"{root}/damaged")] == [
+        "shard-00002.stats.json"
+    ]
+
     record = json.loads(fresh_fs().cat_file(url.removeprefix("s3://") + "/run.json"))
     assert record["status"] == "complete" and record["planned_shards"]["full"]
     everything = all_text(url) + out + text + caplog.text

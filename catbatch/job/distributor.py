@@ -14,8 +14,10 @@ from typing import Any
 
 import ray
 
+from catbatch.job import reaper
 from catbatch.job.layout import OutputLayout
 from catbatch.job.manifest import Manifest
+from catbatch.job.observe import PoolObserver
 from catbatch.job.sharding import Task
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ def connect(address: str, num_cpus: int | None, object_store_mb: int) -> None:
             os.environ["RAY_ADDRESS"],
         )
     if address == "local":
+        reaper.start()  # the private cluster dies with this process, however it ends
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         kwargs.update(
             address="local",
@@ -86,6 +89,7 @@ class ShardActor:
         threads: int,
         env: dict[str, str] | None = None,
         driver_pid: int | None = None,
+        lease_generation: int | None = None,
     ):
         import torch
 
@@ -100,6 +104,7 @@ class ShardActor:
         self.layout = OutputLayout(manifest.output_url)
         if driver_pid is not None:  # same host: stop, uncommitted, if the driver dies
             self.worker.owner_alive = lambda: _pid_alive(driver_pid)
+        self.worker.lease_generation = lease_generation  # commits are fenced by the lease
         self.worker.placement = {
             "node_id": ray.get_runtime_context().get_node_id(),
             "host": socket.gethostname(),
@@ -165,20 +170,6 @@ class PoolResult:
     retries: list[tuple[str, str]] = field(default_factory=list)  # (task key, why)
     stopped: bool = False  # stop() turned true: unstarted tasks were not run
     abandoned: list[str] = field(default_factory=list)  # running at the end of the grace period
-
-
-class PoolObserver:
-    """What the pool reports as it runs (every method optional; the driver implements them)."""
-
-    def actor_ready(self, name: str, info: dict) -> None: ...
-
-    def actor_lost(self, name: str, error: str) -> None: ...
-
-    def task_done(self, name: str, task: Task, stats: dict, events: list[dict]) -> None: ...
-
-    def task_retry(self, name: str, task: Task, error: str, will_retry: bool) -> None: ...
-
-    def tick(self, queued: int, running: int, actors: int) -> None: ...
 
 
 @dataclass(eq=False)
@@ -268,6 +259,7 @@ def run_pool(
     gpus: float,
     observer: PoolObserver | None = None,
     stop: Callable[[], bool] | None = None,
+    lease_generation: int | None = None,
 ) -> PoolResult:
     """Run every task on a pull-based actor pool.
 
@@ -280,6 +272,8 @@ def run_pool(
     running ones get ``ray.stop_grace_s`` seconds to commit, then their actors are killed and
     the tasks are ``abandoned`` (still pending for the next run). An actor whose pipeline fails
     to load raises :class:`ray.exceptions.RayActorError` (the same error would hit every actor).
+    With ``lease_generation`` (the output lease the driver holds) an actor commits nothing once
+    a newer lease exists (see :mod:`catbatch.job.lease`).
     """
     spec = manifest.ray
     obs = observer or PoolObserver()
@@ -310,7 +304,7 @@ def run_pool(
         if started >= max_starts:
             return
         handle = ShardActor.options(num_cpus=cpus, num_gpus=gpus).remote(
-            payload, manifest.base_dir, source, threads, env, driver_pid
+            payload, manifest.base_dir, source, threads, env, driver_pid, lease_generation
         )
         actor = _Actor(handle, f"actor-{started}")
         started += 1

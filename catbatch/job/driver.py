@@ -10,21 +10,31 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ray
 from tqdm import tqdm
 
-from catbatch.job import distributor, resume
+from catbatch.job import resume
 from catbatch.job.layout import OutputLayout
 from catbatch.job.lease import Lease
 from catbatch.job.manifest import Manifest
-from catbatch.job.observe import EventLog, JobMetrics, Throughput
-from catbatch.job.prompts import Prompt, read_prompts
-from catbatch.job.runrecord import fingerprint, fingerprint_inputs, run_record
+from catbatch.job.observe import EventLog, JobMetrics, PoolObserver, Throughput
+from catbatch.job.prompts import Prompt, read_prompts, resolve_location
+from catbatch.job.runrecord import (
+    committed_totals,
+    fingerprint,
+    fingerprint_inputs,
+    now,
+    run_record,
+    submission_entry,
+)
 from catbatch.job.sharding import Shard, Task, make_shards, make_tasks
+from catbatch.job.verify import move_aside
 from catbatch.models.families import Family, source_family
 from catbatch.models.loader import ModelLoadError, describe_source
+
+if TYPE_CHECKING:
+    from catbatch.job.distributor import PoolResult
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +56,9 @@ class Plan:
     layout: OutputLayout
     planned: dict[str, dict[str, int]] = field(default_factory=dict)  # variant -> piece -> images
     retry: list[Task] = field(default_factory=list)  # committed pieces with failed images
+    warnings: list[str] = field(default_factory=list)  # settings that run but miss their point
+    previous: dict | None = None  # run.json of earlier submissions of this run (prepare_output)
+    damaged: list[str] = field(default_factory=list)  # committed pieces moved aside, and why
 
     @property
     def images_per_task(self) -> dict[str, int]:
@@ -70,6 +83,7 @@ class Plan:
 class Summary:
     images: int = 0
     failed_images: int = 0
+    invalid_images: int = 0  # rows of prompts that cannot be generated
     failed_tasks: dict[str, str] = field(default_factory=dict)
     skipped_tasks: int = 0
     seconds: float = 0.0
@@ -83,9 +97,19 @@ class Summary:
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def exit_code(self) -> int:
+        """143 stopped by SIGTERM (128 + 15, as a shell reports it), 1 some shards failed after
+        retries, else 0."""
+        return 143 if self.stopped else 1 if self.failed_tasks else 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "images_per_s": self.images_per_s}
+
     def lines(self) -> list[str]:
         out = [
             f"images: {self.images} generated, {self.failed_images} failed"
+            + (f", {self.invalid_images} invalid" if self.invalid_images else "")
             + (f", {self.skipped_tasks} shard(s) already committed" if self.skipped_tasks else ""),
             f"time: {self.seconds:.1f} s ({self.images_per_s:.2f} images/s)",
         ]
@@ -117,7 +141,9 @@ def plan(manifest: Manifest, check_model: bool = True) -> Plan:
     shards = make_shards(prompts, manifest.shard_size)
     tasks = make_tasks(list(manifest.resolved_variants()), shards)
     layout = OutputLayout(manifest.output_url)
-    return Plan(manifest, prompts, shards, tasks, tasks, source, layout)
+    p = Plan(manifest, prompts, shards, tasks, tasks, source, layout)
+    p.warnings = _pruning_warnings(manifest) + _invalid_prompt_warnings(manifest, prompts)
+    return p
 
 
 def _check_resolution(manifest: Manifest) -> None:
@@ -182,10 +208,52 @@ def _fields_with(manifest: Manifest, setting: str, bad: Callable[[Any], bool]) -
     return fields
 
 
-def prepare_output(p: Plan, overwrite: bool, retry_failed: bool = False) -> None:
+def _invalid_prompt_warnings(
+    manifest: Manifest, prompts: list[Prompt], show: int = 10
+) -> list[str]:
+    """Where the prompts that cannot be generated are (the first ``show``), and how many."""
+    bad = [p for p in prompts if p.problem is not None]
+    if not bad:
+        return []
+    location = resolve_location(manifest.prompts.path, manifest.base_dir)
+    out = [f"{location} {p.where}: {p.problem} (sample {p.sample_id})" for p in bad[:show]]
+    more = f"; {len(bad) - show} more not listed" if len(bad) > show else ""
+    out.append(
+        f"{len(bad)} prompt(s) cannot be generated: their rows are recorded as invalid, counted "
+        f"apart by status and skipped by --retry-failed{more}"
+    )
+    return out
+
+
+def _pruning_warnings(manifest: Manifest) -> list[str]:
+    """CAT variants with too few steps to reach a pruned step (their images are the unpruned
+    ones, at full cost)."""
+    from catbatch.pruning import CATConfig
+
+    out = []
+    for name, s in manifest.resolved_variants().items():
+        if s.pruning is None:
+            continue
+        cfg = CATConfig.from_dict(s.pruning)
+        if s.steps <= cfg.first_pruned_step:
+            prefix = "" if name == "default" else f"variant {name}: "
+            out.append(
+                f"{prefix}CAT prunes nothing in {s.steps} steps: steps 0..{cfg.cluster_step} run "
+                f"in full (pruning.last_full_step {cfg.last_full_step}, then the reference and "
+                f"clustering steps); use steps >= {cfg.first_pruned_step + 1} or a lower "
+                "pruning.last_full_step"
+            )
+    return out
+
+
+def prepare_output(
+    p: Plan, overwrite: bool, retry_failed: bool = False, verify: bool = False
+) -> None:
     """Check the output is writable and consistent with an earlier run; choose pending tasks
     (shard pieces not committed, see :mod:`catbatch.job.resume`) and, with ``retry_failed``, the
-    committed pieces whose failed images to make again. Call it while holding the lease."""
+    committed pieces whose failed images to make again. Committed pieces whose files do not
+    match their stats (size; with ``verify`` also sha256 and footer) are moved aside and made
+    again (:attr:`Plan.damaged` says which and where). Call it while holding the lease."""
     layout = p.layout
     layout.check_writable()
     old = layout.read_json(layout.run_record)
@@ -201,13 +269,22 @@ def prepare_output(p: Plan, overwrite: bool, retry_failed: bool = False) -> None
             )
         _clear_output(layout)
         layout.check_writable()
+        old = None
+    p.previous = old
     ipp = p.manifest.images_per_prompt
     plans: dict[str, resume.VariantPlan] = {}
     for variant in p.manifest.resolved_variants():
         try:
-            plans[variant] = resume.plan_variant(layout, variant, p.shards, ipp)
+            plans[variant] = resume.plan_variant(layout, variant, p.shards, ipp, verify)
         except resume.ResumeError as e:
             raise JobError(str(e)) from None
+    for variant, vp in plans.items():  # only now: a refused run leaves the output as it was
+        if vp.damaged:
+            folder = move_aside(layout, variant, sorted(vp.damaged))
+            p.damaged += [
+                f"{variant}/{name}: {why}; moved to {folder}, made again"
+                for name, why in sorted(vp.damaged.items())
+            ]
     p.planned = {v: vp.planned(ipp) for v, vp in plans.items()}
     # shard-major, like make_tasks, so paired variants of a shard finish close together
     pending = [Task(v, s) for v, vp in plans.items() for s in vp.pending]
@@ -249,16 +326,36 @@ def submit(
     """Run the pending tasks (then the retries) on Ray and write the run record.
 
     With a ``lease``, a lease lost to another submission stops the run (no new shards)."""
+    import ray
+
+    from catbatch.job import distributor
+
     m, layout = p.manifest, p.layout
     summary = Summary(output=layout.display(), skipped_tasks=p.counts()["tasks"] - len(p.pending))
     events = EventLog(layout)
     logs = events.folder if p.pending else None
-    record = run_record(
-        m, p.model_source, len(p.prompts), len(p.shards), "running", planned=p.planned, logs=logs
-    )
-    layout.write_json(layout.run_record, record)
-    t0, submitted_at = time.perf_counter(), time.time()
+    entry = submission_entry(len(p.pending), len(p.retry), logs)
     worker_info: dict[str, Any] = {}
+
+    def write_record(status: str, totals: dict | None) -> None:
+        record = run_record(
+            m,
+            p.model_source,
+            len(p.prompts),
+            len(p.shards),
+            status,
+            worker_info,
+            totals,
+            planned=p.planned,
+            logs=logs,
+            previous=p.previous,
+            submission=entry,
+        )
+        layout.write_json(layout.run_record, record)
+
+    write_record("running", (p.previous or {}).get("summary"))
+    generation = lease.info.generation if lease is not None and lease.info else None
+    t0 = time.perf_counter()
     if p.pending:
         distributor.connect(m.ray.address, num_cpus, m.ray.object_store_mb)
         n, cpus, gpus = distributor.plan_actors(m, len(p.pending))
@@ -287,10 +384,13 @@ def submit(
                     gpus,
                     observer,
                     stop=lambda: stop.is_set() or (lease is not None and lease.lost.is_set()),
+                    lease_generation=generation,
                 )
         except ray.exceptions.RayActorError as e:
             observer.events.note("driver", "workers_failed", error=_root_cause(e))
             observer.events.flush()
+            entry.update(finished_at=now(), status="failed", exit_code=1, error=_root_cause(e))
+            write_record("failed", (p.previous or {}).get("summary"))
             raise JobError(f"the workers could not start: {_root_cause(e)}") from None
         finally:
             bar.close()
@@ -300,7 +400,7 @@ def submit(
         summary.unfinished_tasks = len(p.pending) - len(result.done)
         worker_info = result.worker_info
     if p.retry and not summary.stopped and not (lease is not None and lease.lost.is_set()):
-        retried, retry_failed = resume.run_retries(m, p.model_source, p.retry, num_cpus)
+        retried, retry_failed = resume.run_retries(m, p.model_source, p.retry, num_cpus, generation)
         for stats in retried:
             summary.retried_images += stats["extra"]["retried_images"]
             summary.recovered_images += stats["extra"]["recovered_images"]
@@ -314,22 +414,15 @@ def submit(
     done = summary.unfinished_tasks == 0 and not summary.failed_tasks
     status = "complete" if done else "incomplete"
     status = "interrupted" if summary.stopped else status
-    record = run_record(
-        m,
-        p.model_source,
-        len(p.prompts),
-        len(p.shards),
-        status,
-        worker_info,
-        {**summary.__dict__, "images_per_s": summary.images_per_s, "submitted_at": submitted_at},
-        planned=p.planned,
-        logs=logs,
+    entry.update(
+        finished_at=now(), status=status, exit_code=summary.exit_code, summary=summary.to_json()
     )
-    layout.write_json(layout.run_record, record)
+    totals = {**committed_totals(layout, p.planned), "failed_tasks": summary.failed_tasks}
+    write_record(status, totals)
     return summary
 
 
-class JobObserver(distributor.PoolObserver):
+class JobObserver(PoolObserver):
     """Turns what the actor pool reports into the progress bar (with ETA), Ray metrics and the
     run's JSON-lines logs (``logs/<run id>/driver.jsonl`` and one file per actor)."""
 
@@ -353,6 +446,7 @@ class JobObserver(distributor.PoolObserver):
     def task_done(self, name: str, task: Task, stats: dict, events: list[dict]) -> None:
         self.summary.images += stats["images_ok"]
         self.summary.failed_images += stats["images_failed"]
+        self.summary.invalid_images += stats.get("images_invalid", 0)
         self.rate.add(stats["rows"], stats["images_failed"])
         self.metrics.inc("images", stats["rows"])
         self.metrics.inc("failed_images", stats["images_failed"])
@@ -380,7 +474,7 @@ class JobObserver(distributor.PoolObserver):
             f"failed={self.rate.failed} queued={queued} eta={_clock(eta)}", refresh=False
         )
 
-    def finish(self, result: distributor.PoolResult) -> None:
+    def finish(self, result: PoolResult) -> None:
         self.events.note(
             "driver",
             "run_end",

@@ -95,6 +95,8 @@ class OutputLayout:
     def __post_init__(self) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.root = self.root.rstrip("/")
+        if self.is_local:  # one spelling of each place: no "..", no symlinks
+            self.root = os.path.realpath(self.root)
 
     @property
     def is_local(self) -> bool:
@@ -209,17 +211,17 @@ class OutputLayout:
         data = self.read_bytes(path)
         return None if data is None else json.loads(data)
 
-    def read_json_many(self, paths: list[str]) -> dict[str, Any]:
-        """``{path: object}`` for the paths that exist; one batched request on object stores."""
+    def read_bytes_many(self, paths: list[str]) -> dict[str, bytes]:
+        """``{path: content}`` for the paths that exist; one batched request on object stores."""
         if self.is_local or len(paths) < 2:
-            found = {p: self.read_json(p) for p in paths}
-            return {p: obj for p, obj in found.items() if obj is not None}
+            found = {p: self.read_bytes(p) for p in paths}
+            return {p: data for p, data in found.items() if data is not None}
         by_key = {self.fs._strip_protocol(p): p for p in paths}
         blobs = self.retrying(
             f"reading {len(paths)} files under {self.display()}",
             lambda: self.fs.cat(list(by_key), on_error="omit"),
         )
-        return {by_key[k]: json.loads(v) for k, v in blobs.items() if k in by_key}
+        return {by_key[k]: v for k, v in blobs.items() if k in by_key}
 
     def list_names(self, *parts: str) -> list[str]:
         """Names of the files in a folder (fresh, not from a listing cache); [] if none."""
@@ -235,6 +237,32 @@ class OutputLayout:
 
         return self.retrying(f"listing {self.display(folder)}", ls)
 
+    def list_sizes(self, *parts: str) -> dict[str, int]:
+        """``{name: size in bytes}`` of the files in a folder (fresh listing); {} if none."""
+        folder = self.path(*parts)
+
+        def ls() -> dict[str, int]:
+            self.fs.invalidate_cache(folder)
+            try:
+                entries = self.fs.ls(folder, detail=True)
+            except FileNotFoundError:
+                return {}
+            return {
+                e["name"].rstrip("/").rsplit("/", 1)[1]: int(e.get("size") or 0)
+                for e in entries
+                if e.get("type") != "directory"
+            }
+
+        return self.retrying(f"listing {self.display(folder)}", ls)
+
+    def move(self, path: str, target: str) -> None:
+        """Move a file (copy then delete on object stores), making the target's folder."""
+        if self.is_local:
+            os.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            os.replace(path, target)
+            return
+        self.retrying(f"moving {self.display(path)}", lambda: self.fs.mv(path, target))
+
     def remove(self, path: str) -> None:
         """Delete a file if it exists."""
         try:
@@ -244,11 +272,6 @@ class OutputLayout:
 
     def exists(self, path: str) -> bool:
         return self.fs.exists(path)
-
-    def committed_shards(self, variant: str) -> set[str]:
-        """Names of the variant's shards whose stats file (commit marker) exists."""
-        names = self.list_names("variants", variant)
-        return {n.removesuffix(".stats.json") for n in names if n.endswith(".stats.json")}
 
     def check_writable(self) -> None:
         """Create the root and write/remove a probe file; raise OSError with a clear reason."""

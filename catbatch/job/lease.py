@@ -10,6 +10,14 @@ generation supersedes it: the old holder sees that on its next heartbeat and set
 :attr:`Lease.lost`. Older generations are deleted by the next holder; the top one is kept, so
 generations only grow.
 
+Commits are fenced by the generation: a worker started under generation ``g`` re-reads the
+lease generations right before it writes a shard's stats file, the commit marker
+(:func:`check_generation`), and does not commit when a newer one exists. What remains: an
+orphan that passed the check just before a new driver took the lease still writes its stats
+file (it matches the orphan's own complete Parquet file of the same prompts and seeds); and the
+Parquet file, written before the check, can replace a newer commit's, which then no longer
+matches its stats: resume and ``status`` report that shard damaged and it is made again.
+
 Staleness compares the holder's clock with the acquirer's: hosts must agree to well within the
 TTL (30 s by default; ``CATBATCH_LEASE_TTL_S`` and ``CATBATCH_LEASE_HEARTBEAT_S`` change it).
 """
@@ -39,6 +47,10 @@ log = logging.getLogger(__name__)
 
 class LeaseHeld(RuntimeError):
     """Another live submission holds the output's lease."""
+
+
+class LeaseLost(RuntimeError):
+    """A newer lease generation exists: the writer's submission no longer owns the output."""
 
 
 @dataclass
@@ -117,6 +129,27 @@ def current_lease(layout: OutputLayout) -> LeaseInfo | None:
     """The top lease record (live or not), or None when the output never had one."""
     gens = generations(layout)
     return read_lease(layout, gens[-1]) if gens else None
+
+
+def check_generation(layout: OutputLayout, generation: int) -> None:
+    """Raise :class:`LeaseLost` unless ``generation`` is still the output's newest lease."""
+    gens = generations(layout)
+    newest = gens[-1] if gens else None
+    if newest != generation:
+        raise LeaseLost(
+            f"the lease on {layout.display()} is at generation {newest}, not {generation}: "
+            "another submission owns the output"
+        )
+
+
+def ensure_free(layout: OutputLayout) -> None:
+    """Raise :class:`LeaseHeld` when a live submission holds the output's lease.
+
+    A look, not a claim (:meth:`Lease.acquire` decides): it lets a second submission stop at
+    once, before it reads prompts or loads anything."""
+    holder = current_lease(layout)
+    if holder is not None and holder.live():
+        raise LeaseHeld(_held_message(layout, holder))
 
 
 class Lease:
@@ -219,11 +252,7 @@ class Lease:
         return self.layout.path(LEASE_DIR, _file_name(generation))
 
     def _held(self, holder: LeaseInfo) -> LeaseHeld:
-        return LeaseHeld(
-            f"{self.layout.display()} is being written by another submission (lease "
-            f"{holder.describe()}); try again when it ends, or after the lease expires if that "
-            "driver died"
-        )
+        return LeaseHeld(_held_message(self.layout, holder))
 
     def _start_heartbeat(self) -> None:
         self._stop.clear()
@@ -237,6 +266,14 @@ class Lease:
                     return
             except Exception as e:  # noqa: BLE001 - keep trying; expiry is the safety net
                 log.warning("lease heartbeat failed: %s: %s", type(e).__name__, e)
+
+
+def _held_message(layout: OutputLayout, holder: LeaseInfo) -> str:
+    return (
+        f"{layout.display()} is being written by another submission (lease "
+        f"{holder.describe()}); try again when it ends, or after the lease expires if that "
+        "driver died"
+    )
 
 
 def _encode(info: LeaseInfo) -> bytes:

@@ -19,12 +19,11 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
 from catbatch.job.prompts import PromptSource
-from catbatch.pruning.config import PruningConfigError, parse_pruning_section
+from catbatch.pruning import PruningConfigError, parse_pruning_section
 
 DTYPES = ("float32", "float16", "bfloat16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -209,13 +208,20 @@ class Manifest(Sampling):
             raise ValueError("must be 1-64 characters of letters, digits, '.', '_' or '-'")
         return v
 
-    @model_validator(mode="after")
-    def _check_variants(self) -> Manifest:
-        names = [v.name for v in self.variants]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"variant names must be unique; repeated: {', '.join(dupes)}")
-        return self
+    @field_validator("variants")
+    @classmethod
+    def _unique_names(cls, variants: list[Variant]) -> list[Variant]:
+        first: dict[str, int] = {}
+        for index, v in enumerate(variants):
+            if v.name in first:
+                raise PydanticCustomError(
+                    "duplicate_variant",
+                    "'{name}' is already the name of variants[{first}]; variant names must be "
+                    "unique",
+                    {"index": index, "name": v.name, "first": first[v.name]},
+                )
+            first[v.name] = index
+        return variants
 
     def resolved_variants(self) -> dict[str, Sampling]:
         """Each variant's full sampling settings (the manifest's own when none are listed)."""
@@ -308,6 +314,8 @@ def _format_error(err: ValidationError, source: str, positions: dict) -> str:
         loc = tuple(x for x in loc if x not in ("int", "literal['auto']", "dict[str,any]", "none"))
         if e["type"] == "pruning" and e["ctx"]["field"] != "pruning":
             loc = (*loc, e["ctx"]["field"])
+        if e["type"] == "duplicate_variant":
+            loc = (*loc, e["ctx"]["index"], "name")
         field = _dotted(loc) or "(manifest)"
         pos = _nearest_position(loc, positions, key=e["type"] == "extra_forbidden")
         where = f"{source}:{pos[0]}:{pos[1]}" if pos else source
@@ -316,7 +324,7 @@ def _format_error(err: ValidationError, source: str, positions: dict) -> str:
             msg = f"unknown key {loc[-1]!r}" + (f"; allowed keys: {allowed}" if allowed else "")
         elif e["type"] == "missing":
             msg = "required field is missing"
-        elif e["type"] == "pruning":
+        elif e["type"] in ("pruning", "duplicate_variant"):
             msg = e["msg"]
         else:
             value = e.get("input")

@@ -3,6 +3,7 @@
 - :class:`Throughput` turns committed images into images/s and an ETA (pure, testable).
 - :class:`JobMetrics` exports them through Ray's metrics API, so each node's Prometheus
   endpoint (``ray start --metrics-export-port``) serves ``ray_catbatch_*`` series.
+- :class:`PoolObserver` is what the actor pool reports to as it runs (the driver implements it).
 - :class:`EventLog` writes the structured events of the driver and of each actor as JSON lines
   under the output's ``logs/<run id>/`` folder (local or object storage).
 """
@@ -14,9 +15,12 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from catbatch.job.layout import OutputLayout
+
+if TYPE_CHECKING:
+    from catbatch.job.sharding import Task
 
 log = logging.getLogger(__name__)
 
@@ -142,3 +146,17 @@ class EventLog:
                 log.warning("could not write the %s log: %s", source, e)
                 continue
             self._dirty.discard(source)
+
+
+class PoolObserver:
+    """What the pool reports as it runs (every method optional; the driver implements them)."""
+
+    def actor_ready(self, name: str, info: dict) -> None: ...
+
+    def actor_lost(self, name: str, error: str) -> None: ...
+
+    def task_done(self, name: str, task: Task, stats: dict, events: list[dict]) -> None: ...
+
+    def task_retry(self, name: str, task: Task, error: str, will_retry: bool) -> None: ...
+
+    def tick(self, queued: int, running: int, actors: int) -> None: ...

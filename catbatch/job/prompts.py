@@ -20,8 +20,9 @@ formats (text, csv, tsv, jsonl) are skipped but keep their row number, so ids do
 The sample id is the ``id_column`` value when given (must be unique), else
 :func:`sample_id_for` of the source name and row; ``offset``/``limit`` apply after parsing and
 never change ids. A prompt that is empty/whitespace-only or holds a NUL byte is not an error: it
-comes back with ``problem`` set. Anything else wrong raises :class:`PromptSourceError` naming the
-file and, where possible, the line or row.
+comes back with ``problem`` set (and ``where`` it is), and its rows are recorded ``invalid``.
+Anything else wrong raises :class:`PromptSourceError` naming the file and, where possible, the
+line or row.
 """
 
 from __future__ import annotations
@@ -79,13 +80,15 @@ class PromptSource(pydantic.BaseModel):
 
 @dataclass(frozen=True)
 class Prompt:
-    """One prompt; ``problem`` says why it cannot be generated (the row is then recorded failed)."""
+    """One prompt; ``problem`` says why it cannot be generated (its rows are then recorded
+    ``invalid``); ``where`` is its place in the file ("line 3", "row 2", "annotations[7]")."""
 
     sample_id: str
     prompt: str
     metadata: dict[str, str]
     row: int
     problem: str | None = None
+    where: str = ""
 
 
 def sample_id_for(source_name: str, row: int) -> str:
@@ -196,7 +199,9 @@ def _lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
-def _make_prompt(sample_id: str, value: Any, metadata: dict[str, str], row: int) -> Prompt:
+def _make_prompt(
+    sample_id: str, value: Any, metadata: dict[str, str], row: int, where: str
+) -> Prompt:
     problem = None
     if value is None:
         value = ""
@@ -207,12 +212,12 @@ def _make_prompt(sample_id: str, value: Any, metadata: dict[str, str], row: int)
         problem = "empty prompt"
     elif problem is None and "\x00" in value:
         problem = "prompt contains a NUL byte"
-    return Prompt(sample_id, value, metadata, row, problem)
+    return Prompt(sample_id, value, metadata, row, problem, where)
 
 
 def _text_prompts(text: str, name: str) -> list[Prompt]:
     return [
-        _make_prompt(sample_id_for(name, row), line, {}, row)
+        _make_prompt(sample_id_for(name, row), line, {}, row, f"line {row + 1}")
         for row, line in enumerate(_lines(text))
         if line.strip()
     ]
@@ -328,7 +333,7 @@ def _tabular_prompts(
                 )
             seen[sample_id] = where
         metadata = {column: str(values[column] or "") for column in metadata_columns}
-        prompts.append(_make_prompt(sample_id, values[prompt_column], metadata, row))
+        prompts.append(_make_prompt(sample_id, values[prompt_column], metadata, row, where))
     return prompts
 
 
@@ -366,7 +371,15 @@ def _coco_prompts(text: str, source: PromptSource, location: str) -> list[Prompt
             continue
         previous_image = key[0]
         metadata = {"image_id": str(annotation["image_id"])}
-        prompts.append(_make_prompt(str(annotation["id"]), annotation["caption"], metadata, index))
+        prompts.append(
+            _make_prompt(
+                str(annotation["id"]),
+                annotation["caption"],
+                metadata,
+                index,
+                f"annotations[{index}]",
+            )
+        )
     return prompts
 
 

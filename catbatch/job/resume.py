@@ -7,6 +7,9 @@ rewritten: the prompts it lacks go to an extension piece ``shard-0000i-x1`` (the
 Each committed piece covers the next ``rows / images_per_prompt`` prompts of its shard, and its
 stats' ``content_hash`` must match exactly those prompts; otherwise the run is refused, naming
 the piece. So every (sample, image, variant) is made exactly once across pieces.
+
+A committed piece whose file does not match its stats (:mod:`catbatch.job.verify`) is damaged:
+it is pending again, for the same prompts, and the caller moves its files aside.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from catbatch.job import verify
 from catbatch.job.layout import OutputLayout
 from catbatch.job.sharding import Shard, Task
 from catbatch.job.writer import Row, ShardStats, write_shard
@@ -55,11 +59,12 @@ def parse_piece(name: str) -> tuple[int, int] | None:
 
 @dataclass
 class VariantPlan:
-    """One variant's pieces: committed (with their prompts), pending, and to retry."""
+    """One variant's pieces: committed (with their prompts), pending, to retry, damaged."""
 
     committed: list[ShardPart] = field(default_factory=list)
     pending: list[ShardPart] = field(default_factory=list)
     failed_images: dict[str, int] = field(default_factory=dict)  # committed piece -> failed
+    damaged: dict[str, str] = field(default_factory=dict)  # piece -> what is wrong (pending)
 
     def planned(self, images_per_prompt: int) -> dict[str, int]:
         """Every piece of the run (committed or not) and its number of images."""
@@ -68,13 +73,21 @@ class VariantPlan:
 
 
 def plan_variant(
-    layout: OutputLayout, variant: str, shards: list[Shard], images_per_prompt: int
+    layout: OutputLayout,
+    variant: str,
+    shards: list[Shard],
+    images_per_prompt: int,
+    deep: bool = False,
 ) -> VariantPlan:
-    """Match the variant's committed pieces against ``shards``; raise naming any mismatch."""
+    """Match the variant's committed pieces against ``shards``; raise naming any mismatch.
+
+    Damaged pieces (``deep``: by sha256 and footer too, see :mod:`catbatch.job.verify`) become
+    pending for the prompts their stats name; one whose stats are unreadable must be its
+    shard's last piece (it is then made again with the rest of the shard)."""
+    found = verify.check_pieces(layout, variant, deep)
+    all_stats = {**found.stats, **found.damaged_stats}
     by_index: dict[int, dict[int, str]] = {}
-    committed = sorted(layout.committed_shards(variant))
-    all_stats = layout.read_json_many([layout.shard_stats(variant, n) for n in committed])
-    for name in committed:
+    for name in sorted(all_stats):
         parsed = parse_piece(name)
         if parsed is not None:
             by_index.setdefault(parsed[0], {})[parsed[1]] = name
@@ -85,7 +98,7 @@ def plan_variant(
             f"has only {len(shards)} shard(s): prompts were removed; restore the prompt source "
             "or write to a new output"
         )
-    plan = VariantPlan()
+    plan = VariantPlan(damaged=dict(found.damaged))
     for shard in shards:
         parts = by_index.get(shard.index, {})
         if sorted(parts) != list(range(len(parts))):
@@ -93,9 +106,19 @@ def plan_variant(
                 f"shard {variant}/{shard.name}: committed pieces {sorted(parts.values())} "
                 "are not consecutive; the output was edited by hand"
             )
-        covered = 0
+        covered, rest = 0, len(parts)  # rest: the part number of what remains to make
         for part in range(len(parts)):
-            stats = all_stats.get(layout.shard_stats(variant, parts[part])) or {}
+            name = parts[part]
+            stats = all_stats.get(name)
+            if stats is None:  # damaged, and its stats cannot tell which prompts it held
+                rest = part
+                if part < len(parts) - 1:
+                    raise ResumeError(
+                        f"shard {variant}/{name} is damaged ({found.damaged[name]}) and later "
+                        "pieces of its shard are committed, so its prompts are unknown; restore "
+                        "it or write to a new output"
+                    )
+                break  # made again below, with the rest of the shard
             n = int(stats.get("rows", -1)) // images_per_prompt
             piece = ShardPart(shard.index, shard.prompts[covered : covered + n], part)
             if (
@@ -107,12 +130,15 @@ def plan_variant(
                     f"shard {variant}/{parts[part]} is committed but its prompts changed since; "
                     "restore the prompt source or write to a new output"
                 )
-            plan.committed.append(piece)
-            if stats.get("images_failed"):
-                plan.failed_images[piece.name] = int(stats["images_failed"])
+            if name in found.damaged:
+                plan.pending.append(piece)
+            else:
+                plan.committed.append(piece)
+                if stats.get("images_failed"):
+                    plan.failed_images[piece.name] = int(stats["images_failed"])
             covered += n
         if covered < len(shard.prompts):
-            plan.pending.append(ShardPart(shard.index, shard.prompts[covered:], len(parts)))
+            plan.pending.append(ShardPart(shard.index, shard.prompts[covered:], rest))
     return plan
 
 
@@ -133,8 +159,9 @@ def retry_failed(worker: Any, layout: OutputLayout, task: Task) -> ShardStats:
 
     The Parquet file is replaced atomically with the failed rows swapped for new ones (same
     order, every other row untouched), then its stats file. Rows of prompts that are bad in
-    themselves (empty, NUL) stay failed. A crash between the two writes leaves a consistent
-    Parquet file with stale counts in the stats, which the next ``--retry-failed`` rewrites.
+    themselves (``invalid``: empty, NUL) are left as they are. A crash between the two writes
+    leaves a consistent Parquet file with stale counts in the stats, which the next
+    ``--retry-failed`` rewrites.
     """
     start = time.perf_counter()
     variant, name = task.variant, task.shard.name
@@ -146,7 +173,7 @@ def retry_failed(worker: Any, layout: OutputLayout, task: Task) -> ShardStats:
     todo = [
         items[(r.sample_id, r.image_index)]
         for r in rows
-        if r.status != "ok" and items[(r.sample_id, r.image_index)].prompt.problem is None
+        if r.status == "failed" and items[(r.sample_id, r.image_index)].prompt.problem is None
     ]
     settings = worker.variants[variant]
     bs = worker.manifest.batch_size
@@ -167,11 +194,16 @@ def retry_failed(worker: Any, layout: OutputLayout, task: Task) -> ShardStats:
         time.perf_counter() - start,
         worker.device_name,
         {"retried_images": len(todo), "recovered_images": recovered},
+        before_commit=lambda: worker.check_commit(task, layout),
     )
 
 
 def run_retries(
-    manifest: Any, source: dict, tasks: list[Task], num_cpus: int | None
+    manifest: Any,
+    source: dict,
+    tasks: list[Task],
+    num_cpus: int | None,
+    lease_generation: int | None = None,
 ) -> tuple[list[dict], dict[str, str]]:
     """Run :func:`retry_failed` for ``tasks`` on Ray, one pipeline per group of tasks.
 
@@ -186,7 +218,10 @@ def run_retries(
     payload = manifest.model_dump(mode="json", exclude_unset=True)
     remote = ray.remote(_retry_group).options(num_cpus=cpus, num_gpus=gpus, max_retries=1)
     groups = [tasks[i::n] for i in range(n)]
-    refs = [remote.remote(payload, manifest.base_dir, source, max(1, int(cpus)), g) for g in groups]
+    refs = [
+        remote.remote(payload, manifest.base_dir, source, max(1, int(cpus)), g, lease_generation)
+        for g in groups
+    ]
     done: list[dict] = []
     failed: dict[str, str] = {}
     for group, ref in zip(groups, refs, strict=True):
@@ -199,7 +234,12 @@ def run_retries(
 
 
 def _retry_group(
-    payload: dict, base_dir: str, source: dict, threads: int, tasks: list[Task]
+    payload: dict,
+    base_dir: str,
+    source: dict,
+    threads: int,
+    tasks: list[Task],
+    lease_generation: int | None,
 ) -> list[dict]:
     import torch
 
@@ -209,5 +249,6 @@ def _retry_group(
     torch.set_num_threads(threads)
     manifest = Manifest.model_validate({**payload, "base_dir": base_dir})
     worker = Worker(manifest, source)
+    worker.lease_generation = lease_generation
     layout = OutputLayout(manifest.output_url)
     return [asdict(retry_failed(worker, layout, t)) for t in tasks]

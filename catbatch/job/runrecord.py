@@ -1,14 +1,23 @@
-"""The run record (``run.json``): what was run, with what, and the fingerprint of its results."""
+"""The run record (``run.json``): what was run, with what, and the fingerprint of its results.
+
+It outlives each submission: every submission appends an entry to ``submissions`` (when, which
+host, what it ran, how it ended, its log folder, its own counts), the pipeline description and
+log folder of the last submission that ran something are kept, and ``summary`` counts every
+committed shard, whichever submission wrote it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import socket
 import time
 from pathlib import PurePosixPath
 from typing import Any
 
+from catbatch.job.layout import OutputLayout
 from catbatch.job.manifest import Manifest
 from catbatch.job.prompts import source_identity
 from catbatch.job.writer import SCHEMA_VERSION
@@ -72,6 +81,51 @@ def versions() -> dict[str, str | None]:
     }
 
 
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def submission_entry(tasks: int, retry_tasks: int, logs: str | None) -> dict[str, Any]:
+    """This submission's entry in ``submissions``, as it starts (``status: running``); the
+    driver fills in ``finished_at``, ``status``, ``exit_code`` and ``summary`` at the end."""
+    import catbatch
+
+    return {
+        "started_at": now(),
+        "finished_at": None,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "catbatch": catbatch.__version__,
+        "tasks": tasks,  # shard pieces to make
+        "retry_tasks": retry_tasks,  # committed pieces whose failed images to make again
+        "logs": logs,
+        "status": "running",
+        "exit_code": None,
+        "summary": {},
+    }
+
+
+def committed_totals(layout: OutputLayout, planned: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Images and shard pieces of the run over every committed piece of ``planned``."""
+    paths = [layout.shard_stats(v, name) for v, pieces in planned.items() for name in pieces]
+    stats = [s for s in map(_json_or_none, layout.read_bytes_many(paths).values()) if s]
+    return {
+        "shards_planned": len(paths),
+        "shards_committed": len(stats),
+        "images_ok": sum(int(s.get("images_ok", 0)) for s in stats),
+        "images_failed": sum(int(s.get("images_failed", 0)) for s in stats),
+        "images_invalid": sum(int(s.get("images_invalid", 0)) for s in stats),
+    }
+
+
+def _json_or_none(data: bytes) -> dict | None:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None  # a damaged stats file: the next submit moves it aside
+    return obj if isinstance(obj, dict) else None
+
+
 def run_record(
     manifest: Manifest,
     model_source: dict,
@@ -82,8 +136,17 @@ def run_record(
     summary: dict | None = None,
     planned: dict[str, dict[str, int]] | None = None,
     logs: str | None = None,
+    previous: dict[str, Any] | None = None,
+    submission: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run record; ``planned`` maps each variant to its pieces and their image counts."""
+    """The run record; ``planned`` maps each variant to its pieces and their image counts.
+
+    ``previous`` is the record of the same run before this submission: its pipeline and logs
+    stay unless this submission has its own, and ``submission`` is appended to its entries."""
+    previous = previous or {}
+    worker_info = worker_info or previous.get("pipeline")
+    logs = logs or previous.get("logs")
+    submissions = [*previous.get("submissions", []), *([submission] if submission else [])]
     return {
         "schema_version": SCHEMA_VERSION,
         "name": manifest.name,
@@ -101,5 +164,6 @@ def run_record(
         "images_per_prompt": manifest.images_per_prompt,
         "status": status,
         "summary": summary or {},
-        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "submissions": submissions,
+        "updated_at": now(),
     }

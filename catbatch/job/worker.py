@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from catbatch.job.layout import OutputLayout
+from catbatch.job.lease import LeaseLost, check_generation
 from catbatch.job.manifest import Manifest, Sampling
 from catbatch.job.prompts import Prompt
 from catbatch.job.seeds import image_generator, image_seed
@@ -139,6 +140,9 @@ class Worker:
         # False once the driver that owns this worker is gone: stop before the next batch and
         # never commit (a rerun may be writing the same shard); set by the Ray actor
         self.owner_alive: Callable[[], bool] = lambda: True
+        # the output's lease generation the driver held when it started this worker: nothing is
+        # written once a newer one exists (set by the Ray actor; None: not fenced)
+        self.lease_generation: int | None = None
         # where this worker runs (node, GPU ids, pid), set by the Ray actor; in each shard's stats
         self.placement: dict[str, Any] = {}
         self.events: list[dict[str, Any]] = []  # structured log, collected by take_events()
@@ -181,7 +185,11 @@ class Worker:
         good = [it for it in items if it.prompt.problem is None]
         for it in items:
             if it.prompt.problem is not None:
-                rows.append(self._row(it, task, settings, None, "-", 0, 0.0, it.prompt.problem))
+                rows.append(
+                    self._row(
+                        it, task, settings, None, "-", 0, 0.0, it.prompt.problem, status="invalid"
+                    )
+                )
         for b in range(0, len(good), bs):
             self._check_owner(task)
             batch = good[b : b + bs]
@@ -202,6 +210,7 @@ class Worker:
             self.device_name,
             extra,
             started_at,
+            before_commit=lambda: self.check_commit(task, layout),
         )
         self.event(
             "task_commit",
@@ -209,12 +218,24 @@ class Worker:
             seconds=round(stats.seconds, 3),
             images_ok=stats.images_ok,
             images_failed=stats.images_failed,
+            images_invalid=stats.images_invalid,
         )
         return stats
 
     def _check_owner(self, task: Task) -> None:
         if not self.owner_alive():
             raise OrphanedTask(f"the driver of {task.key} is gone; the shard was not committed")
+
+    def check_commit(self, task: Task, layout: OutputLayout) -> None:
+        """Raise :class:`OrphanedTask` when this worker may no longer commit ``task``: its
+        driver is gone, or a newer submission took the output's lease (re-read now)."""
+        self._check_owner(task)
+        if self.lease_generation is None:
+            return
+        try:
+            check_generation(layout, self.lease_generation)
+        except LeaseLost as e:
+            raise OrphanedTask(f"{task.key} not committed: {e}") from None
 
     def generate_rows(
         self, batch: list[Item], task: Task, settings: Sampling, batch_id: str
@@ -324,7 +345,9 @@ class Worker:
             **settings.model_dump(),
         }
 
-    def _row(self, it, task, settings, png, batch_id, batch_size, latency, error, **extra) -> Row:
+    def _row(
+        self, it, task, settings, png, batch_id, batch_size, latency, error, status=None, **extra
+    ) -> Row:
         return Row(
             sample_id=it.prompt.sample_id,
             image_index=it.image_index,
@@ -340,7 +363,7 @@ class Worker:
             batch_size=batch_size,
             latency_s=latency,
             device=self.device_name,
-            status="ok" if error is None else "failed",
+            status=status or ("ok" if error is None else "failed"),
             error=error,
             **extra,
         )

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ SCHEMA = pa.schema(
         ("batch_size", pa.int32()),
         ("latency_s", pa.float64()),
         ("device", pa.string()),
-        ("status", pa.string()),  # "ok" or "failed"
+        ("status", pa.string()),  # "ok", "failed", or "invalid" (a prompt that cannot be made)
         ("error", pa.string()),
     ]
 )
@@ -119,7 +120,7 @@ SCHEMA = SCHEMA.with_metadata(
 
 @dataclass
 class Row:
-    """One generated (or failed) image."""
+    """One generated image, or one that failed (``failed``) or cannot be made (``invalid``)."""
 
     sample_id: str
     image_index: int
@@ -164,7 +165,8 @@ class ShardStats:
     content_hash: str
     rows: int
     images_ok: int
-    images_failed: int
+    images_failed: int  # generation failed: --retry-failed makes them again
+    images_invalid: int  # the prompt cannot be generated (empty, NUL byte): never retried
     parquet_bytes: int
     parquet_sha256: str
     seconds: float
@@ -198,20 +200,26 @@ def write_shard(
     device: str,
     extra: dict[str, Any] | None = None,
     started_at: float | None = None,
+    before_commit: Callable[[], None] | None = None,
 ) -> ShardStats:
-    """Write the shard's Parquet file, then its stats file (the commit marker)."""
+    """Write the shard's Parquet file, then its stats file (the commit marker).
+
+    ``before_commit`` runs right before the stats file is written and stops the commit by
+    raising (the fence of :func:`catbatch.job.lease.check_generation`)."""
     buf = io.BytesIO()
     pq.write_table(rows_to_table(rows), buf, compression="zstd")
     data = buf.getvalue()
     layout.write_bytes(layout.shard_parquet(variant, shard), data)
     ok = sum(r.status == "ok" for r in rows)
+    invalid = sum(r.status == "invalid" for r in rows)
     stats = ShardStats(
         variant=variant,
         shard=shard,
         content_hash=content_hash,
         rows=len(rows),
         images_ok=ok,
-        images_failed=len(rows) - ok,
+        images_failed=len(rows) - ok - invalid,
+        images_invalid=invalid,
         parquet_bytes=len(data),
         parquet_sha256=hashlib.sha256(data).hexdigest(),
         seconds=seconds,
@@ -219,5 +227,7 @@ def write_shard(
         extra=extra or {},
         started_at=started_at,
     )
+    if before_commit is not None:
+        before_commit()
     layout.write_json(layout.shard_stats(variant, shard), asdict(stats))
     return stats

@@ -11,9 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = ("float32", "float16", "bfloat16")  # torch dtype names (torch is imported on use)
 
 
 class ModelLoadError(RuntimeError):
@@ -28,6 +26,7 @@ def describe_source(model_id: str, revision: str | None = None, base_dir: str = 
     from catbatch.models import tiny
 
     if tiny.is_preset(model_id):
+        quiet_libraries()  # building prints progress bars into the command's output otherwise
         tiny.ensure_preset_saved(model_id)  # build once here, not racing in every actor
         return {"kind": "preset", "path": model_id, "revision": f"v{tiny.PRESET_VERSION}"}
     local = Path(model_id) if Path(model_id).is_absolute() else Path(base_dir) / model_id
@@ -80,17 +79,16 @@ def load_pipeline(
 ) -> Any:
     """Load the pipeline that :func:`describe_source` found onto ``device``, with the manifest's
     memory options (``model.memory``: vae_tiling, vae_slicing, cpu_offload, drop_t5)."""
-    import diffusers
-    import transformers
+    import torch
     from diffusers import DiffusionPipeline
 
     from catbatch.models import tiny
 
-    for lib in (diffusers, transformers):  # one worker per GPU: keep their logs readable
-        lib.utils.logging.set_verbosity_error()
-        lib.utils.logging.disable_progress_bar()
+    quiet_libraries()  # one worker per GPU: keep their logs readable
     memory = memory or {}
-    torch_dtype = DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"model.dtype: got {dtype!r}; allowed: {', '.join(DTYPES)}")
+    torch_dtype = getattr(torch, dtype)
     skip = _dropped_components(source, memory)
     try:
         if source["kind"] == "preset":
@@ -111,6 +109,16 @@ def load_pipeline(
             raise ModelLoadError(_NO_T5.format(source.get("path")))
         pipe.register_modules(**skip)  # a preset loads everything: drop it here
     return apply_memory_options(pipe, memory, device)
+
+
+def quiet_libraries() -> None:
+    """Turn off diffusers' and transformers' progress bars and warnings in this process."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
 
 
 def _dropped_components(source: dict, memory: dict) -> dict[str, None]:
@@ -148,6 +156,8 @@ def apply_memory_options(pipe: Any, memory: dict, device: str) -> Any:
 
 
 def resolve_device(device: str) -> str:
+    import torch
+
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

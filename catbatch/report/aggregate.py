@@ -18,7 +18,10 @@ from catbatch.report.pairs import GridRow, ShardCache, fidelity, fill_grid, grid
 
 REPORT_VERSION = 1
 DEFINITIONS = {
-    "images / failures": "committed rows with ``status`` ok / failed.",
+    "images / failures / invalid": (
+        "committed rows with ``status`` ok / failed / invalid (a prompt that cannot be "
+        "generated: empty, or with a NUL byte)."
+    ),
     "latency": (
         "``latency_s`` of ok rows that are not warm-up (``warmup`` true); p50/p95 are "
         "numpy's linear-interpolation percentiles. Throughput from latency is ``1 / "
@@ -145,7 +148,7 @@ def _devices(rows: list[dict]) -> dict[str, dict[str, Any]]:
         gpu, cost = _present(mine, "gpu_seconds"), _present(mine, "cost_usd")
         out[dev] = {
             "images": len(ok),
-            "failures": len(mine) - len(ok),
+            "failures": sum(r["status"] == "failed" for r in mine),
             "latency_mean_s": _mean([r["latency_s"] for r in timed]),
             "gpu_seconds": float(np.sum(gpu)) if gpu else None,
             "cost_usd": float(np.sum(cost)) if cost else None,
@@ -169,9 +172,11 @@ def aggregate_variant(vd: VariantData, opts: ReportOptions) -> dict[str, Any]:
         "columns_missing": [c for c in _METRIC_NAMES if c not in vd.columns],
         "shards_committed": len(vd.stats),
         "uncommitted_files": vd.uncommitted,
+        "unreadable_shards": vd.unreadable,
         "rows": len(rows),
         "images": len(ok),
-        "failures": len(rows) - len(ok),
+        "failures": sum(r["status"] == "failed" for r in rows),
+        "invalid": sum(r["status"] == "invalid" for r in rows),
         "failure_examples": [
             {"sample_id": r["sample_id"], "image_index": r["image_index"], "error": r["error"]}
             for r in rows
@@ -296,6 +301,9 @@ def completeness(run: RunData) -> tuple[dict[str, dict[str, Any]], list[str]]:
             n_planned, missing = None, []
         if missing:
             notes.append(f"variant {name}: {len(committed)} of {n_planned} shards committed")
+        for shard, why in vd.unreadable.items():
+            path = run.layout.display(run.layout.shard_parquet(name, shard))
+            notes.append(f"variant {name}: skipped unreadable shard {path} ({why})")
         out[name] = {"shards_planned": n_planned, "shards_missing": missing}
     return out, notes
 

@@ -1,25 +1,30 @@
 """Reading a run's output for a report: the run record, committed shards and their rows.
 
 Only committed shards (those with a ``.stats.json``) are read. Metric columns are read without
-the image column; images are read one shard at a time when fidelity needs them.
+the image column; images are read one shard at a time when fidelity needs them. A committed
+shard that cannot be read (a truncated or missing file) is skipped and named in
+``VariantData.unreadable``; storage that stays unreachable still raises.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catbatch.job.layout import OutputLayout
+from catbatch.job.layout import OutputLayout, StorageError
 from catbatch.job.writer import METRIC_COLUMNS, SCHEMA
 
 # Columns of the per-sample rows (all but the image); older outputs may lack the metric ones.
 BASE_COLUMNS = tuple(f.name for f in SCHEMA if f.name not in METRIC_COLUMNS and f.name != "image")
 
 Key = tuple[str, int]  # (sample_id, image_index)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,6 +37,7 @@ class VariantData:
     key_shard: dict[Key, str]  # where each row lives
     columns: set[str]
     uncommitted: list[str] = field(default_factory=list)  # Parquet files without stats
+    unreadable: dict[str, str] = field(default_factory=dict)  # committed, skipped: shard -> why
     planned_settings: dict[str, Any] | None = None  # from the run record, for rowless variants
 
     @property
@@ -84,18 +90,30 @@ def load_variant(layout: OutputLayout, name: str) -> VariantData:
     stats: dict[str, dict[str, Any]] = {}
     key_shard: dict[Key, str] = {}
     columns: set[str] = set()
+    unreadable: dict[str, str] = {}
     for shard in committed:
-        stats[shard] = layout.read_json(layout.shard_stats(name, shard)) or {}
         path = layout.shard_parquet(name, shard)
-        present = shard_columns(layout, path)
+        try:
+            shard_stats = layout.read_json(layout.shard_stats(name, shard)) or {}
+            present = shard_columns(layout, path)
+            wanted = [c for c in (*BASE_COLUMNS, *METRIC_COLUMNS) if c in present]
+            table = _read_table(layout, path, wanted)
+        except StorageError:
+            raise
+        except (OSError, ValueError, pa.ArrowException) as e:
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("skipped unreadable shard %s: %s", layout.display(path), why)
+            unreadable[shard] = why
+            continue
+        stats[shard] = shard_stats
         columns |= present
-        wanted = [c for c in (*BASE_COLUMNS, *METRIC_COLUMNS) if c in present]
-        for r in _read_table(layout, path, wanted).to_pylist():
+        for r in table.to_pylist():
             r["_shard"] = shard
             key_shard[(r["sample_id"], r["image_index"])] = shard
             rows.append(r)
     rows.sort(key=lambda r: (r["sample_id"], r["image_index"]))
-    return VariantData(name, rows, stats, key_shard, columns, sorted(parquet - set(committed)))
+    uncommitted = sorted(parquet - set(committed))
+    return VariantData(name, rows, stats, key_shard, columns, uncommitted, unreadable)
 
 
 def load_run(layout: OutputLayout) -> RunData:
