@@ -383,25 +383,41 @@ def test_hung_batch_times_out_and_the_shard_is_retried(
 
 
 @pytest.mark.slow
-def test_actor_killed_between_parquet_and_commit_loses_nothing(
-    tmp_path, ray_cluster, monkeypatch, caplog, capfd
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_actor_killed_at_a_commit_loses_nothing(
+    tmp_path, ray_cluster, monkeypatch, caplog, capfd, when
 ):
-    """The actor dies after a shard's Parquet file is written and before its stats file, while
-    it makes the next shard: both are made again, every image committed exactly once."""
+    """The actor dies while it makes the next shard, as it commits one: between the shard's
+    Parquet and stats files (the shard is made again), or right after the stats file, before it
+    answers (the shard counts as done, read from its stats). Every image exactly once."""
     marker = tmp_path / "crashed-once"
-    faults = {"crash_before_commit_once": str(marker), "delay_s": 0.3}
+    faults = {f"crash_{when}_commit_once": str(marker), "delay_s": 0.3}
     monkeypatch.setenv(FAULTS_ENV, json.dumps(faults))
     path = write_manifest(tmp_path, actors=1)
     with caplog.at_level(logging.WARNING, logger="catbatch.job.distributor"):
         code, output = submit(path, capfd)
     assert code == 0, output
     assert marker.exists()
-    died = [r.message for r in caplog.records if "actor died" in r.message]
-    assert "shard default/shard-00000 attempt 1 failed" in died[0]
-    rows = check_exactly_once(tmp_path / "out")  # the dead actor's Parquet file was replaced
+    out = tmp_path / "out"
+    retried = {e["task"] for e in driver_events(out, "task_retry")}
+    if when == "before":
+        died = [r.message for r in caplog.records if "actor died" in r.message]
+        assert "shard default/shard-00000 attempt 1 failed" in died[0]
+        assert "default/shard-00000" in retried
+    else:
+        assert "default/shard-00000" not in retried
+        commits = [
+            json.loads(line)
+            for f in out.glob("logs/*/actor-*.jsonl")
+            for line in f.read_text().splitlines()
+            if '"task_commit"' in line
+        ]
+        found = [e for e in commits if e["task"] == "default/shard-00000"]
+        assert len(found) == 1 and "read from its stats file" in found[0]["source"]
+    rows = check_exactly_once(out)  # a Parquet file the dead actor left was replaced
     assert {r["status"] for r in rows} == {"ok"}
-    assert len(committed(tmp_path / "out")) == 3
-    assert json.loads((tmp_path / "out" / "run.json").read_text())["status"] == "complete"
+    assert len(committed(out)) == 3
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
 
 def _sigterm_after_first_commit(out: Path) -> threading.Thread:

@@ -464,8 +464,9 @@ def run_pool(
                 held.writing = True  # its pipeline calls were done; it may have committed
             if held.writing:
                 stats = committed(held.task)
-                if stats is not None:
-                    finished(actor, held.task, {"stats": stats, "events": []})
+                if stats is not None:  # its log lost the actor's events: say what is known
+                    note = _commit_event(held.task, stats)
+                    finished(actor, held.task, {"stats": stats, "events": [note]})
                 elif hung:
                     back.append(held.task)
                 else:
@@ -564,6 +565,20 @@ def run_pool(
             result.failed[task.key] = f"no actor could run it ({started} actor starts failed)"
     obs.tick(len(queue), 0, 0)
     return result
+
+
+def _commit_event(task: Task, stats: dict) -> dict[str, Any]:
+    """The ``task_commit`` event of a shard whose actor died before reporting its commit."""
+    return {
+        "t": stats.get("written_at"),
+        "event": "task_commit",
+        "task": task.key,
+        "seconds": stats.get("seconds"),
+        "images_ok": stats.get("images_ok"),
+        "images_failed": stats.get("images_failed"),
+        "images_invalid": stats.get("images_invalid"),
+        "source": "read from its stats file: its actor died before answering",
+    }
 
 
 def _answer(ref: Any) -> Any:

@@ -21,8 +21,9 @@ to its actors) injects faults for the fault tests and does nothing when unset. K
 / whose image comes out NaN), ``oom_above`` (batches larger than this raise
 ``torch.OutOfMemoryError``), ``crash_shards`` (shard names whose actor SIGKILLs itself),
 ``hang_once`` (a file path: the first batch that finds it missing creates it and hangs) and
-``crash_before_commit_once`` (a file path: the first commit that finds it missing creates it and
-SIGKILLs its actor, after the shard's Parquet file is written and before its stats file).
+``crash_before_commit_once`` / ``crash_after_commit_once`` (a file path: the first commit that
+finds it missing creates it and SIGKILLs its actor, after the shard's Parquet file is written and
+before its stats file / right after its stats file).
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class InjectedFaults:
     crash_shards: list[str] = field(default_factory=list)
     hang_once: str | None = None
     crash_before_commit_once: str | None = None
+    crash_after_commit_once: str | None = None
 
     @classmethod
     def from_env(cls) -> InjectedFaults | None:
@@ -113,10 +115,17 @@ class InjectedFaults:
         return images
 
     def before_commit(self) -> None:
-        marker = self.crash_before_commit_once
-        if marker and not os.path.exists(marker):
-            open(marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
+        _crash_once(self.crash_before_commit_once)
+
+    def after_commit(self) -> None:
+        _crash_once(self.crash_after_commit_once)
+
+
+def _crash_once(marker: str | None) -> None:
+    """SIGKILL this process the first time ``marker`` is missing (it is created first)."""
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -288,6 +297,8 @@ class Worker:
             started_at,
             before_commit=lambda: self.check_commit(task, layout),
         )
+        if self.faults:
+            self.faults.after_commit()
         self.event(
             "task_commit",
             task=task.key,
