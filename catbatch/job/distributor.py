@@ -538,7 +538,6 @@ def run_pool(
         try:
             out = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            calls[ref] = (actor, held)
             settle(actor, f"actor died: {_first_line(e)}", hung=False)
             lost(actor, _first_line(e))
             continue
