@@ -28,6 +28,7 @@ before its stats file / right after its stats file).
 
 from __future__ import annotations
 
+import copy
 import gc
 import io
 import json
@@ -376,9 +377,9 @@ class Worker:
         # what reads the pipeline's state is taken here, before the next call changes it
         latency = (self.last_timing["pipeline"] if images is not None else seconds) / len(batch)
         per_row = self._batch_metrics(batch, settings, latency) if images is not None else {}
-        truncated = [self._truncated(it, settings) for it in batch]
+        limits = self._limits(settings)
         args = (batch, run.task, settings, images, finite, error, batch_id, latency, per_row)
-        run.parts.append(self.pool.submit(self._batch_rows, *args, truncated))
+        run.parts.append(self.pool.submit(self._batch_rows, *args, limits))
 
     def _batch_rows(
         self,
@@ -391,7 +392,7 @@ class Worker:
         batch_id: str,
         latency: float,
         per_row: dict[str, Any],
-        truncated: list[bool],
+        limits: list[tuple[Any, int]],
     ) -> list[Row]:
         """A pool thread: quantize and CLIP-score the images on their device, copy them to the
         host once, encode the PNGs and build the rows."""
@@ -412,7 +413,7 @@ class Worker:
                 extra = {
                     **per_row,
                     "t_score_s": None if t_score is None else t_score / len(batch),
-                    **self._sample_metrics(it, scores[n], pixels[n], truncated[n]),
+                    **self._sample_metrics(it, scores[n], pixels[n], limits),
                 }
             rows.append(
                 self._row(it, task, settings, png, batch_id, len(batch), latency, err, **extra)
@@ -506,7 +507,10 @@ class Worker:
         self.macs_counter = (
             metrics.MacsCounter(transformer) if spec.macs and transformer is not None else None
         )
-        self._prompt_limits: dict[int | None, list] = {}  # by max_sequence_length
+        # copies of the pipeline's tokenizers with their limits, by max_sequence_length: the
+        # pool checks truncation while the pipeline's own tokenizers are busy in its calls
+        self._prompt_limits: dict[int | None, list[tuple[Any, int]]] = {}
+        self._tokenizers_lock = threading.Lock()
         self.devices_held = metrics.devices_held(self.device, self.manifest.ray.resources.gpus)
         self.price = metrics.price_for(spec.price_per_gpu_hour, self.device_name)
         # phase timings wait for this thread's stream only, not for the pool's side streams
@@ -608,17 +612,20 @@ class Worker:
             self._note(f"MACs not counted ({type(e).__name__}: {e})")
             return None
 
-    def _truncated(self, it: Item, settings: Sampling) -> bool:
-        """Whether a text encoder sees only part of the prompt (the pipeline's tokenizers: in
-        the pipeline's thread only)."""
+    def _limits(self, settings: Sampling) -> list[tuple[Any, int]]:
+        """Each text encoder's tokenizer (a copy, made once in the pipeline's thread) and token
+        limit, for :func:`metrics.is_truncated` in the pool."""
         length = settings.max_sequence_length
         if length not in self._prompt_limits:
-            self._prompt_limits[length] = metrics.prompt_limits(self.pipe, length)
-        return metrics.is_truncated(it.prompt.prompt, self._prompt_limits[length])
+            limits = metrics.prompt_limits(self.pipe, length)
+            self._prompt_limits[length] = [(copy.deepcopy(tok), n) for tok, n in limits]
+        return self._prompt_limits[length]
 
     def _sample_metrics(
-        self, it: Item, score: float | None, pixels: np.ndarray, truncated: bool
+        self, it: Item, score: float | None, pixels: np.ndarray, limits: list[tuple[Any, int]]
     ) -> dict[str, Any]:
+        with self._tokenizers_lock:  # a tokenizer is not for two threads at once
+            truncated = metrics.is_truncated(it.prompt.prompt, limits)
         out = {
             "clip_score": score,
             "clip_model": None if score is None else self.clip_setup.label,
