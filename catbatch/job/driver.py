@@ -460,6 +460,10 @@ class JobObserver(PoolObserver):
         self.events.flush()
         self.metrics.inc("task_retries" if will_retry else "failed_tasks")
 
+    def task_requeued(self, name: str, task: Task, why: str) -> None:
+        self.events.note("driver", "task_requeued", actor=name, task=task.key, why=why)
+        self.events.flush()
+
     def tick(self, queued: int, running: int, actors: int) -> None:
         eta = self.rate.eta_s()
         for name, value in (
