@@ -12,6 +12,7 @@ from typing import Any
 from catbatch.job.manifest import Manifest
 from catbatch.job.prompts import source_identity
 from catbatch.job.writer import SCHEMA_VERSION
+from catbatch.pruning.config import CATConfig
 
 
 def fingerprint_inputs(manifest: Manifest, model_source: dict | None = None) -> dict[str, Any]:
@@ -19,19 +20,26 @@ def fingerprint_inputs(manifest: Manifest, model_source: dict | None = None) -> 
     variant's sampling and pruning settings, seed, images per prompt, the prompt source's
     identity (location and reading options, not content: that is each shard's ``content_hash``)
     and the shard size. Not batch size, actors, device, offloading or output location; of the
-    memory options only those that change images (``drop_t5``, ``vae_tiling``), when on."""
+    memory options only those that change images (``drop_t5``, ``vae_tiling``), when on; of the
+    pruning settings only those that change images (:meth:`CATConfig.fingerprint_dict`)."""
     model = manifest.model.model_dump(exclude={"device", "memory"})
     mem = manifest.model.memory
     model.update({k: True for k in ("drop_t5", "vae_tiling") if getattr(mem, k)})
     return {
         "model": model,
         "model_snapshot": resolved_snapshot(model_source or {}),
-        "variants": {k: v.model_dump() for k, v in manifest.resolved_variants().items()},
+        "variants": {k: _variant(v.model_dump()) for k, v in manifest.resolved_variants().items()},
         "seed": manifest.seed,
         "images_per_prompt": manifest.images_per_prompt,
         "prompts": source_identity(manifest.prompts, manifest.base_dir),
         "shard_size": manifest.shard_size,
     }
+
+
+def _variant(settings: dict[str, Any]) -> dict[str, Any]:
+    if settings.get("pruning") is not None:
+        settings["pruning"] = CATConfig.fingerprint_dict(settings["pruning"])
+    return settings
 
 
 def resolved_snapshot(model_source: dict) -> str | None:
