@@ -361,6 +361,9 @@ class Family:
     model_class: ClassVar[type]
     # Inputs of the diffusers forward that the step does not reproduce (error when given).
     unsupported: ClassVar[tuple[str, ...]] = ()
+    # Inputs whose tensors :meth:`step` reads (a captured step copies them in); the others
+    # are read by :meth:`prepare_text` only.
+    step_inputs: ClassVar[tuple[str, ...]] = ("hidden_states", "timestep")
 
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:

@@ -9,6 +9,7 @@ merge of the computed rows into the previous output (output reuse) and the unpat
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ from .core import (
     StepContext,
     check_attention_module,
 )
+from .graphs import StepGraphs, wants_graphs
 from .pixart import PixArt
 from .sd3 import SD3
 
@@ -58,6 +60,15 @@ def attention_module_name(model: torch.nn.Module, block: int) -> str:
     return family_of(model).attention_name(model, block)
 
 
+def _weights_signature(model: torch.nn.Module) -> tuple[Any, ...]:
+    """Where the weights are (first and last parameter), to notice moved weights cheaply."""
+    params = list(model.parameters())
+    if not params:
+        return ()
+    ends = (params[0], params[-1])
+    return tuple((p.device, p.dtype, p.data_ptr() if p.device.type != "meta" else 0) for p in ends)
+
+
 def _compute_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
     """The dtype projections produce: autocast's when it is on, else the model's."""
     if device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type):
@@ -78,17 +89,46 @@ class Engine:
     Args:
         model: the transformer.
         stream: ``"full"`` or ``"krow"`` (see :class:`~.config.CATConfig`).
+        cuda_graphs: ``"auto"``, ``"on"`` or ``"off"`` (see :mod:`.graphs`).
+
+    Attributes:
+        buffers: the :class:`~.core.Buffers` of the last call's shape.
+        graphs: the :class:`~.graphs.StepGraphs` (captures, replays, ``error``), or None.
     """
 
-    def __init__(self, model: torch.nn.Module, stream: str = "full"):
+    def __init__(self, model: torch.nn.Module, stream: str = "full", cuda_graphs: str = "off"):
         self.family = family_of(model)
         self.stream = stream
+        self.cuda_graphs = cuda_graphs
         self.buffers: Buffers | None = None
+        self.graphs: StepGraphs | None = None
         self._text_key: tuple[Any, ...] | None = None
+        self._weights: tuple[Any, ...] | None = None
+        self._new_generation = True
+        self._warned = False
 
     def new_generation(self) -> None:
         """The next step starts a generation: recompute the per-generation text work."""
         self._text_key = None
+        self._new_generation = True
+
+    def graphs_for(self, buffers: Buffers) -> StepGraphs | None:
+        """The graphs to run steps of ``buffers``' shape through, or None (eager)."""
+        graphs = self.graphs
+        if graphs is not None and graphs.emulate:
+            return graphs if graphs.enabled else None
+        key = buffers.key
+        tokens = key.rows * (key.n_tokens + key.n_joint)
+        if not wants_graphs(self.cuda_graphs, key.device, tokens):
+            if self.cuda_graphs == "on" and key.device.type != "cuda" and not self._warned:
+                self._warned = True
+                warnings.warn(
+                    "CAT: cuda_graphs='on' needs a CUDA device; running eagerly", stacklevel=3
+                )
+            return None
+        if graphs is None or graphs.device != key.device:
+            graphs = self.graphs = StepGraphs(key.device)
+        return graphs if graphs.enabled else None
 
     def prepare(self, model: torch.nn.Module, inputs: dict[str, Any], batch: int) -> Buffers:
         """Check ``inputs``; the buffers for their shape (text work done if the prompt
@@ -111,7 +151,14 @@ class Engine:
             dtype=_compute_dtype(model, hidden.device),
             device=hidden.device,
         )
+        if self._new_generation:
+            self._new_generation = False
+            weights = _weights_signature(model)
+            if weights != self._weights:  # moved or reloaded weights: graphs are stale
+                self._weights = weights
+                self._drop_graphs()
         if self.buffers is None or self.buffers.key != key:
+            self._drop_graphs()
             self.buffers = None  # free the old buffers before allocating new ones
             self.buffers = Buffers(key)
             self._text_key = None
@@ -120,6 +167,17 @@ class Engine:
             family.prepare_text(model, self.buffers, inputs)
             self._text_key = text_key
         return self.buffers
+
+    def _drop_graphs(self) -> None:
+        graphs = self.graphs
+        if graphs is None:
+            return
+        if graphs.emulate:
+            graphs.graphs.clear()
+            graphs.warm.clear()
+            return
+        torch.cuda.synchronize(graphs.device)  # nothing in flight still uses their memory
+        self.graphs = None
 
     def step(
         self,

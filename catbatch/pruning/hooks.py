@@ -117,22 +117,42 @@ class CATState(BaseState):
         record = None
         if selector is not None and selector.needs_attention and i >= config.cluster_step:
             record = attention_module_name(model, config.attention_block)
-        fill = not pruned and i + 1 >= config.first_pruned_step
-        result = engine.step(
-            model, inputs, buffers, indices if pruned else None, fill=fill, record=record
-        )
+
+        def full_step(view: dict[str, Any], fill: bool) -> StepResult:
+            return engine.step(model, view, buffers, None, fill=fill, record=record)
+
+        def pruned_step(view: dict[str, Any]) -> Tensor:
+            result = engine.step(model, view, buffers, indices, record=record)
+            if selector is not None:  # the selector step, in the same (captured) call
+                self._select(selector, i, result, indices, batch, model)
+            return result.output
+
+        graphs = engine.graphs_for(buffers) if pruned or record is None else None
+        names = engine.family.step_inputs
         if pruned:
+            if graphs is None:
+                output = pruned_step(inputs)
+            else:
+                key = ("pruned", indices.k, id(selector), record, engine.stream, self.cfg)
+                output = graphs.run(key, pruned_step, inputs, names)
             self.pruned_steps += 1
         else:
+            if graphs is None:
+                fill = i + 1 >= config.first_pruned_step
+                result = full_step(inputs, fill)
+            else:  # one graph for every full step: it always keeps the branch outputs
+                output = graphs.run(("full",), lambda v: full_step(v, True).output, inputs, names)
+                result = StepResult(output, buffers.merged, None)
+            if selector is not None:
+                self._select(selector, i, result, indices, batch, model)
+            output = result.output
             self.full_steps += 1
-        if selector is not None:
-            self._select(selector, i, result, indices, batch, model)
         self.step += 1
-        return result.output
+        return output
 
     def _engine(self, model: torch.nn.Module) -> Engine:
         if self.engine is None:
-            self.engine = Engine(model, self.config.stream)
+            self.engine = Engine(model, self.config.stream, self.config.cuda_graphs)
         return self.engine
 
     def _k(self, n_tokens: int) -> int:
@@ -326,6 +346,7 @@ def apply_cat(
     state = CATState(
         config, cfg=cfg, auto_reset=pipeline is None, selector_factory=selector_factory
     )
+    state.engine = Engine(transformer, config.stream, config.cuda_graphs)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     try:
         registry.register_hook(CATHook(state), HOOK_NAME)

@@ -33,6 +33,7 @@ class PixArt(Family):
     name = "pixart"
     model_class = PixArtTransformer2DModel
     unsupported = ("attention_mask", "cross_attention_kwargs")
+    step_inputs = ("hidden_states", "timestep", "added_cond_kwargs")
 
     @staticmethod
     def attention_modules(model: PixArtTransformer2DModel) -> dict[str, Attention]:
