@@ -16,6 +16,7 @@ from catbatch.pruning import (
     remove_cat,
 )
 from catbatch.pruning.config import STREAMS
+from catbatch.pruning.engine import family_of
 from catbatch.pruning.selection import make_selector
 
 MODELS = ("tiny-sd3", "tiny-sd35", "tiny-pixart")
@@ -314,3 +315,71 @@ def test_streams_compute_the_same_rows_and_score_the_raw_output(pipe):
         else:  # tokens not computed keep the output (and score) of their last computation
             assert not changed[skipped].any()
     remove_cat(pipe)
+
+
+def test_fused_projections_are_used(pipe):
+    """diffusers' fuse_qkv_projections() (to_qkv / to_added_qkv / to_kv): alpha = 1 matches the
+    fused unpruned pipeline, and pruning gives what it gives without fusion."""
+    unfused = generate(pipe, PROMPTS[:2])
+    apply_cat(pipe, alpha=0.3)
+    pruned_unfused = generate(pipe, PROMPTS[:2])
+    remove_cat(pipe)
+    transformer = pipe.transformer
+    originals = dict(transformer.attn_processors)
+    # diffusers' fused joint processor cannot run SD3.5's image-only attn2 unpruned (it
+    # expects text); CAT runs it, so there the unfused unpruned run is the reference.
+    dual = any(
+        getattr(block, "attn2", None) is not None and hasattr(block, "norm1_context")
+        for block in transformer.transformer_blocks
+    )
+    transformer.fuse_qkv_projections()
+    try:
+        fused = unfused if dual else generate(pipe, PROMPTS[:2])
+        scale = unfused.abs().max().item()
+        assert (fused - unfused).abs().max().item() < 1e-3 * scale
+        attn = next(iter(family_of(transformer).attention_modules(transformer).values()))
+        calls = []
+        handle = attn.to_qkv.register_forward_hook(lambda *a: calls.append(1))
+        state = apply_cat(pipe, alpha=1.0)
+        out = generate(pipe, PROMPTS[:2])
+        if dual:
+            assert (out - fused).abs().max().item() < 1e-3 * scale
+        else:
+            assert max_diff(out, fused) <= TOL
+        assert state.pruned_steps == STEPS - 8 and len(calls) == STEPS
+        handle.remove()
+        apply_cat(pipe, alpha=0.3)
+        pruned_fused = generate(pipe, PROMPTS[:2])
+        scale = pruned_unfused.abs().max().item()
+        assert (pruned_fused - pruned_unfused).abs().max().item() < 1e-3 * scale
+        remove_cat(pipe)
+    finally:
+        transformer.set_attn_processor(originals)
+        for module in transformer.modules():  # unfuse: back to to_q/to_k/to_v
+            if getattr(module, "fused_projections", False):
+                module.fused_projections = False
+                for name in ("to_qkv", "to_kv", "to_added_qkv"):
+                    if hasattr(module, name):
+                        delattr(module, name)
+
+
+@torch.no_grad()
+def test_prompt_work_runs_once_per_generation(pipe):
+    """Context embedding / caption projection (and PixArt's cross-attention text K/V) run once
+    per generation, not once per step."""
+    transformer = pipe.transformer
+    module = (
+        transformer.context_embedder
+        if isinstance(transformer, SD3Transformer2DModel)
+        else transformer.caption_projection
+    )
+    calls = []
+    handle = module.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        state = apply_cat(pipe, alpha=0.3)
+        generate(pipe, PROMPTS[:2])
+        generate(pipe, PROMPTS[1:])
+        assert state.full_steps + state.pruned_steps == STEPS and len(calls) == 2
+    finally:
+        handle.remove()
+        remove_cat(pipe)
