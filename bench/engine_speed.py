@@ -451,31 +451,48 @@ def compare_streams(results: Sequence[StepsResult]) -> list[str]:
 def step_pairs(
     setup: SpeedSetup, pairs: int, streams: Sequence[str] = ("full",), alpha: float | None = None
 ) -> dict:
-    """Interleaved single steps: a full step, then a pruned step (``pruned_forward``, K random
-    tokens) in each stream, on the CPU: per-step ratios measured under the same load, and the
-    loop times they imply."""
-    from catbatch.pruning import pruned_forward
+    """Interleaved single steps on the CPU: the unpatched transformer's full step, then a CAT
+    pruned step (K random tokens, the engine's persistent buffers filled by one full step
+    beforehand) in each stream: per-step ratios measured under the same load, and the loop
+    times they imply."""
+    from catbatch.pruning.engine import Engine
 
     model = build_transformer(setup)
     inputs = make_inputs(setup)
-    hidden = torch.cat([inputs.latents, inputs.latents])
-    timestep = torch.full((hidden.shape[0],), 500.0)
+    batch = setup.samples
+    step_inputs = {
+        "hidden_states": torch.cat([inputs.latents, inputs.latents]),
+        "timestep": torch.full((2 * batch,), 500.0),
+        "encoder_hidden_states": inputs.text,
+        "pooled_projections": inputs.pooled,
+    }
     k = CATConfig(alpha=alpha or setup.alpha).num_selected(setup.image_tokens)
-    idx = torch.randperm(setup.image_tokens, generator=torch.Generator().manual_seed(0))[:k]
-    args = (model, hidden, timestep, inputs.text, inputs.pooled)
-    full: list[float] = []
-    pruned: dict[str, list[float]] = {s: [] for s in streams}
-    for pair in range(pairs):
-        start = time.perf_counter()
-        pruned_forward(*args)
-        full.append(time.perf_counter() - start)
-        line = f"  step pair {pair + 1}/{pairs}: full {full[-1]:.2f} s"
-        for stream in streams:
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(setup.image_tokens, generator=g)[:k] for _ in range(batch)])
+
+    def pruned_step(stream: str) -> Callable[[], Tensor]:
+        engine = Engine(model, stream)
+        buffers = engine.prepare(model, step_inputs, batch)
+        engine.step(model, step_inputs, buffers, None, fill=True)  # caches of every token
+        indices = buffers.index_set(k)
+        indices.index.copy_(idx)
+        return lambda: engine.step(model, step_inputs, buffers, indices).output
+
+    with torch.no_grad():
+        steppers = {s: pruned_step(s) for s in streams}
+        full: list[float] = []
+        pruned: dict[str, list[float]] = {s: [] for s in streams}
+        for pair in range(pairs):
             start = time.perf_counter()
-            pruned_forward(*args, idx=idx, stream=stream)
-            pruned[stream].append(time.perf_counter() - start)
-            line += f", pruned ({stream}) {pruned[stream][-1]:.2f} s"
-        print(line, flush=True)
+            model(**step_inputs, return_dict=False)
+            full.append(time.perf_counter() - start)
+            line = f"  step pair {pair + 1}/{pairs}: full {full[-1]:.2f} s"
+            for stream, step in steppers.items():
+                start = time.perf_counter()
+                step()
+                pruned[stream].append(time.perf_counter() - start)
+                line += f", pruned ({stream}) {pruned[stream][-1]:.2f} s"
+            print(line, flush=True)
     ratios = {s: [f / p for f, p in zip(full, pruned[s], strict=True)] for s in streams}
     return {"full": full, "pruned": pruned, "ratios": ratios}
 

@@ -46,8 +46,8 @@ def analytic_sd3_macs(
     q/k/v (3d^2 per text token) and, except in the last block, text out + FF (9d^2); attention
     has k + text queries over n + text keys (cached image keys included). Outside the blocks:
     timestep MLP (256d + d^2), pooled MLP (pd + d^2), context embedder, output AdaLN (2d^2),
-    proj_out (on all tokens in the full-length stream, on the computed ones in the K-row
-    stream) and the patch-embedding conv on all tokens.
+    proj_out (on the computed tokens, and in the full-length stream of a pruned step once more
+    on all tokens for the scores) and the patch-embedding conv on all tokens.
     """
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     p, layers = cfg["patch_size"], cfg["num_layers"]
@@ -60,8 +60,9 @@ def analytic_sd3_macs(
         per_row += 4 * k * d * d + 8 * k * d * d  # image q, k, v, out; feed-forward (4x)
         per_row += 3 * text * d * d + (0 if last else text * d * d + 8 * text * d * d)
         attention += 2 * (k + text) * (n + text) * d  # QK^T and PV over all heads
-    out_tokens = n if stream == "full" else k
-    per_row += 2 * d * d + out_tokens * d * p * p * cfg["out_channels"]  # norm_out, proj_out
+    out_tokens = n + k if stream == "full" and k < n else k  # all tokens (scores) + computed
+    per_row += 2 * d * d * (2 if out_tokens > n else 1)  # norm_out modulation, once per head
+    per_row += out_tokens * d * p * p * cfg["out_channels"]  # proj_out
     conv = n * cfg["in_channels"] * p * p * d
     return {
         "linear": rows * per_row,

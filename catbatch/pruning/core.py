@@ -9,8 +9,9 @@ all ``N`` image tokens runs beside it: every block writes the computed rows' att
 feed-forward outputs into per-block caches of all tokens (:meth:`StepContext.residual`), and the
 full-length stream adds the gated caches, so tokens not computed advance with the outputs cached
 from the step they were last computed (cheap elementwise work). The final norm and projection
-then run for all tokens: every token has a raw output to score. The computed rows are the same
-in both streams, so the merged output is too.
+then run for all tokens as well (:meth:`StepContext.finish`): every token has a raw output to
+score. The output merges the computed rows of the K-row stream in both modes, so both give the
+same images for the same index sets.
 
 Everything a step reads or writes between calls lives in :class:`Buffers`, allocated once per
 ``(rows, tokens, text tokens, dtype, device)`` and updated in place (``copy_``,
@@ -20,6 +21,7 @@ captured as a CUDA graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -172,6 +174,7 @@ class StepContext:
         record: name of the attention module whose image-query probabilities to keep.
         attention: the kept probabilities ``(R, Sq, N)``, averaged over heads.
         shadow: the full-length stream ``(R, N, D)`` during a pruned step, else None.
+        raw: the full-length stream's output tokens ``(R, N, p*p*C_out)`` (scored), or None.
     """
 
     def __init__(
@@ -191,6 +194,7 @@ class StepContext:
         self.record = record
         self.attention: Tensor | None = None
         self.shadow: Tensor | None = None
+        self.raw: Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -202,7 +206,8 @@ class StepContext:
 
     # -- the two streams -----------------------------------------------------------------------
     def enter(self, tokens: Tensor) -> Tensor:
-        """Patch tokens ``(R, N, D)`` -> the rows the blocks compute (all at a full step)."""
+        """Patch tokens ``(R, N, D)`` -> the rows the blocks compute (all at a full step). The
+        full-length stream starts from (and updates in place) ``tokens``."""
         if not self.pruned:
             return tokens
         if self.full_length:
@@ -211,24 +216,29 @@ class StepContext:
         rows = tokens.view(-1, d).index_select(0, self.indices.rows_index)
         return rows.view(self.rows, -1, d)
 
-    def exit(self, tokens: Tensor) -> Tensor:
-        """The stream the final norm and projection run on: all tokens in the full-length
-        stream, else the computed rows."""
-        return tokens if self.shadow is None else self.shadow
+    def finish(self, head: Callable[[Tensor], Tensor], tokens: Tensor) -> Tensor:
+        """The final norm and projection ``head`` of the computed rows (what the output merges);
+        in the full-length stream also of every token, kept in ``raw`` for the selector."""
+        if self.shadow is not None:
+            self.raw = head(self.shadow)
+        return head(tokens)
 
     def residual(
         self, name: str, stream: Tensor, out: Tensor, gate: Tensor | None = None
     ) -> Tensor:
         """``stream + gate * out`` for a branch output ``out`` ``(R * S, D)`` of the computed
-        rows; in the full-length stream the branch cache ``name`` takes the computed rows and
-        the full-length stream adds the gated cache."""
+        rows (diffusers' order: bit-exact); in the full-length stream the branch cache ``name``
+        takes the computed rows and the full-length stream adds the gated cache in place (it
+        only feeds the scores, so one fused pass is enough)."""
         rows = out.view(stream.shape)
         stream = stream + rows if gate is None else stream + gate * rows
         if self.shadow is not None:
             cache = self.buffers.branch(name, out.shape[-1])
             cache.flat.index_copy_(0, self.indices.rows_index, out)
-            shadow = self.shadow
-            self.shadow = shadow + cache.full if gate is None else shadow + gate * cache.full
+            if gate is None:
+                self.shadow.add_(cache.full)
+            else:
+                self.shadow.addcmul_(gate, cache.full)
         elif self.fill:
             self.buffers.branch(name, out.shape[-1]).full.copy_(rows)
         return stream
@@ -414,7 +424,9 @@ class Family:
 
     @staticmethod
     def step(model: torch.nn.Module, ctx: StepContext, inputs: dict[str, Any]) -> Tensor:
-        """One step: output tokens ``(R, S, p*p*C_out)`` of the stream ``ctx.exit`` returns."""
+        """One step: output tokens ``(R, S, p*p*C_out)`` of the rows in the stream (all
+        ``N`` at a full step, the ``K`` computed ones at a pruned step), via
+        :meth:`StepContext.finish`."""
         raise NotImplementedError
 
 

@@ -201,14 +201,10 @@ class Engine:
         if indices is None:
             merged.copy_(tokens)
             scores = merged
-        else:
-            rows = indices.rows_index
-            flat = tokens.view(-1, tokens.shape[-1])
-            if ctx.full_length:  # raw output of every token: score it, merge the computed rows
-                buffers.merged_flat.index_copy_(0, rows, flat.index_select(0, rows))
-                scores = tokens
-            else:
-                buffers.merged_flat.index_copy_(0, rows, flat)
-                scores = merged
+        else:  # output reuse: the computed rows replace theirs in the previous output
+            buffers.merged_flat.index_copy_(
+                0, indices.rows_index, tokens.view(-1, tokens.shape[-1])
+            )
+            scores = merged if ctx.raw is None else ctx.raw
         output = self.family.output(model, merged, self.family.grid(model, inputs))
         return StepResult(output, scores, ctx.attention)

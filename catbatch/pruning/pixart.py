@@ -109,8 +109,9 @@ class PixArt(Family):
         for i, block in enumerate(model.transformer_blocks):
             tokens = _block(block, i, ctx, tokens, modulation, mask)
         shift, scale = (model.scale_shift_table[None] + embedded_timestep[:, None]).chunk(2, dim=1)
-        tokens = modulate(model.norm_out(ctx.exit(tokens)), shift, scale)
-        return model.proj_out(tokens)
+        return ctx.finish(
+            lambda x: model.proj_out(modulate(model.norm_out(x), shift, scale)), tokens
+        )
 
 
 def _block(

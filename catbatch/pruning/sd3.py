@@ -82,8 +82,7 @@ class SD3(Family):
         context = text["context"]
         for i, block in enumerate(model.transformer_blocks):
             tokens, context = _block(block, i, ctx, tokens, context, temb, silu_temb)
-        tokens = model.norm_out(ctx.exit(tokens), temb)
-        return model.proj_out(tokens)
+        return ctx.finish(lambda x: model.proj_out(model.norm_out(x, temb)), tokens)
 
 
 def _modulation(norm: torch.nn.Module, silu_temb: Tensor, chunks: int) -> tuple[Tensor, ...]:
