@@ -6,10 +6,16 @@ cache-and-reuse drifts from the unpruned trajectory of the same model, not how g
 A tiny SD3 pipeline (catbatch.models.tiny's text encoders, tokenizers and VAE) with a larger
 transformer (4 layers, 4 heads x 64 = width 256) at 512x512 (64x64 latent -> 1024 image tokens,
 77 + 256 text tokens), 28 steps, guidance 7, fp32 on the CPU, 16 PartiPrompts prompts, one seed
-per prompt. Each strategy (cat, noise, random, sequential, at-edm) runs at alpha 0.3; the final
-image and the final latent are compared with the unpruned run of the same prompts and seeds.
+per prompt. Each strategy (cat, noise, random, sequential, at-edm) runs at alpha 0.3 in the
+default residual stream, or in each of ``--streams full krow`` (the full-length stream scoring
+the raw output, the K-row stream scoring the merged output); the final image and the final
+latent are compared with the unpruned run of the same prompts and seeds. With both streams it
+also prints, per strategy, on how many prompts the full-length stream's latent PSNR is higher
+(issue 13's decision rule: the full-length stream is the default if ``cat`` wins on >= 12 of 16
+prompts).
 
     python -m bench.engine_fidelity              # the issue's configuration (minutes)
+    python -m bench.engine_fidelity --streams full krow   # both streams, and who wins
     python -m bench.engine_fidelity --smoke      # the tiny preset, 1 prompt, seconds
     python -m bench.engine_fidelity --shapes     # the trained catbatch-shapes model (minutes)
 
@@ -22,6 +28,7 @@ shipped ``catbatch-shapes-clip``, and image PSNR / SSIM against the unpruned ima
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -36,6 +43,7 @@ from torch import Tensor
 from catbatch.metrics.fidelity import latent_psnr, psnr_batch, ssim_batch
 from catbatch.models.tiny import CLIP_HIDDEN, T5_D_MODEL, build_tiny_pipeline
 from catbatch.pruning import STRATEGIES, CATConfig, apply_cat, remove_cat
+from catbatch.pruning.config import STREAMS
 
 PARTI_PATH = Path("/work/shared/data/PartiPrompts.tsv")
 BUILTIN_PROMPTS = (
@@ -164,6 +172,7 @@ def _stat(values: Sequence[float], digits: int = 2) -> str:
 
 
 def format_table(rows: dict[str, dict[str, Any]]) -> str:
+    """One row per ``"strategy"`` or ``"strategy (stream)"`` key."""
     lines = [
         "| strategy | image PSNR dB | image SSIM | latent PSNR dB | latent SSIM | s / prompt |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -180,6 +189,27 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def stream_wins(rows: dict[str, dict[str, Any]], strategies: Sequence[str]) -> list[str]:
+    """Per strategy: prompts on which the full-length stream's latent PSNR beats the K-row
+    stream's, and the mean difference (dB)."""
+    lines = []
+    for strategy in strategies:
+        full, krow = rows.get(f"{strategy} (full)"), rows.get(f"{strategy} (krow)")
+        if full is None or krow is None:
+            continue
+        pairs = list(zip(full["latent_psnr"], krow["latent_psnr"], strict=True))
+        wins = sum(f > k for f, k in pairs)
+        gain = statistics.fmean(f - k for f, k in pairs)
+        image = statistics.fmean(
+            f - k for f, k in zip(full["image_psnr"], krow["image_psnr"], strict=True)
+        )
+        lines.append(
+            f"{strategy}: full-length stream higher latent PSNR on {wins} of {len(pairs)} "
+            f"prompts; mean latent gain {gain:+.2f} dB, image {image:+.2f} dB"
+        )
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=16)
@@ -188,10 +218,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4, help="prompts per pipeline call")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument(
+        "--streams",
+        nargs="+",
+        default=[CATConfig.stream],
+        choices=STREAMS,
+        help="residual streams to run each strategy in (both: full krow)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 128px, 1 prompt")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pipeline-dir", help="a saved tiny-sd3 pipeline (no open_clip needed)")
     parser.add_argument("--parti", default=str(PARTI_PATH), help="PartiPrompts TSV")
+    parser.add_argument("--json", help="also write per-prompt results here")
     parser.add_argument("--shapes", action="store_true", help="the trained catbatch-shapes model")
     parser.add_argument("--guidance", type=float, default=7.0, help="--shapes only")
     parser.add_argument("--workers", type=int, default=2, help="--shapes: processes")
@@ -226,20 +264,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"unpruned: {full_seconds:.2f} s / prompt", flush=True)
     rows: dict[str, dict[str, Any]] = {}
     for strategy in args.strategies:
-        state = apply_cat(pipe, CATConfig(alpha=args.alpha, strategy=strategy))
-        start = time.perf_counter()
-        try:
-            latents, images = generate(pipe, prompts, seeds, size, steps, args.batch)
-        finally:
-            remove_cat(pipe)
-        seconds = (time.perf_counter() - start) / len(prompts)
-        if state.pruned_steps == 0:
-            raise RuntimeError(f"{strategy}: no pruned step ran")
-        rows[strategy] = {**compare(latents, images, ref_latents, ref_images), "seconds": seconds}
-        print(f"{strategy}: {seconds:.2f} s / prompt", flush=True)
+        for stream in args.streams:
+            config = CATConfig(alpha=args.alpha, strategy=strategy, stream=stream)
+            state = apply_cat(pipe, config)
+            start = time.perf_counter()
+            try:
+                latents, images = generate(pipe, prompts, seeds, size, steps, args.batch)
+            finally:
+                remove_cat(pipe)
+            seconds = (time.perf_counter() - start) / len(prompts)
+            if state.pruned_steps == 0:
+                raise RuntimeError(f"{strategy}: no pruned step ran")
+            name = strategy if len(args.streams) == 1 else f"{strategy} ({stream})"
+            rows[name] = {**compare(latents, images, ref_latents, ref_images), "seconds": seconds}
+            print(f"{name}: {seconds:.2f} s / prompt", flush=True)
     print()
     print(format_table(rows))
     print(f"(unpruned: {full_seconds:.2f} s / prompt)")
+    for line in stream_wins(rows, args.strategies):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"prompts": prompts, "rows": rows}, indent=1))
     return 0
 
 

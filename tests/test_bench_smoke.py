@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -49,3 +50,18 @@ def test_shapes_table_counts_unstated_shapes_per_caption():
     unpruned, cat = lines[2].split(" | "), lines[3].split(" | ")
     assert unpruned[2] == "100.0" and unpruned[6] == "0.00" and unpruned[8] == "-"
     assert cat[2] == "33.3" and cat[6] == "2.00" and cat[8:10] == ["41.00", "0.9500"]
+
+
+def test_gpu_check_dry_run_writes_each_section(tmp_path, monkeypatch):
+    """The GPU check's one shot on a GPU: its plumbing runs on the CPU (nothing captured) and a
+    section that fails is recorded while the others still run."""
+    from bench import gpu_check
+
+    out = tmp_path / "gpu.json"
+    monkeypatch.setattr(gpu_check, "macs", lambda *a: 1 / 0)
+    assert gpu_check.main(["--dry-run", "--skip", "speed", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["header"]["device"] == "CPU (dry run)"
+    alpha_one = [v for k, v in data["correctness"].items() if "alpha=1" in k and "tiny" in k]
+    assert len(alpha_one) == 4 and all(v["ok"] for v in alpha_one)
+    assert data["macs"] == {"error": "ZeroDivisionError: division by zero"}

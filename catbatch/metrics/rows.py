@@ -169,7 +169,8 @@ def step_costs(
     p = model.config.patch_size
     n_tokens = (hidden.shape[-2] // p) * (hidden.shape[-1] // p)
     idx = torch.arange(pruning.num_selected(n_tokens), device=hidden.device)
-    return StepCosts(full, later_full, step_macs(model, inputs, idx, text_kv_cached=pixart))
+    pruned = step_macs(model, inputs, idx, text_kv_cached=pixart, stream=pruning.stream)
+    return StepCosts(full, later_full, pruned)
 
 
 def generation_macs(
