@@ -1,5 +1,6 @@
 """The run fingerprint and CAT's settings: outputs written before the ``stream`` and
-``cuda_graphs`` settings existed still resume; what changes images changes the fingerprint."""
+``cuda_graphs`` settings existed still resume (with the K-row stream they were made with); what
+changes images changes the fingerprint."""
 
 from __future__ import annotations
 
@@ -75,11 +76,30 @@ def test_an_output_from_before_the_stream_setting_resumes(tmp_path):
     assert graphs.resolved_variants()["cat"].pruning["cuda_graphs"] == "off"  # but recorded
     prepare_output(plan(graphs, check_model=False), overwrite=False)
 
-    # the full-length stream scores differently: a different run, refused, naming the setting
-    full = manifest(tmp_path, "{alpha: 0.3, stream: full}")
-    assert fingerprint(full) != old["fingerprint"]
-    with pytest.raises(JobError, match=r"variants\.cat\.pruning\.stream"):
-        prepare_output(plan(full, check_model=False), overwrite=False)
+    # the full-length stream scores differently, so it has another fingerprint; on an output
+    # made before the setting existed (K-row images), the run continues with the K-row stream
+    # and says so, with or without `stream` in the manifest: one output never mixes the two
+    for section in ("{alpha: 0.3, stream: full}", "{alpha: 0.3}"):
+        full = manifest(tmp_path, section)
+        assert fingerprint(full) != old["fingerprint"]
+        p = plan(full, check_model=False)
+        prepare_output(p, overwrite=False)  # no refusal
+        assert p.manifest.resolved_variants()["cat"].pruning["stream"] == "krow"
+        assert any("stream: krow" in w for w in p.warnings)
+
+    # anything else that differs is still a different run, refused, naming the setting
+    other = manifest(tmp_path, "{alpha: 0.5}")
+    with pytest.raises(JobError, match=r"variants\.cat\.pruning\.alpha"):
+        prepare_output(plan(other, check_model=False), overwrite=False)
+    assert other.resolved_variants()["cat"].pruning["stream"] == "full"  # left as it was
+
+
+def test_a_new_output_runs_the_default_stream(tmp_path):
+    m = manifest(tmp_path, "{alpha: 0.3}")
+    p = plan(m, check_model=False)
+    prepare_output(p, overwrite=False)
+    assert p.manifest.resolved_variants()["cat"].pruning["stream"] == CATConfig().stream
+    assert not any("stream" in w for w in p.warnings)
 
 
 def test_default_stream_fingerprint():

@@ -258,6 +258,8 @@ def prepare_output(
     layout.check_writable()
     old = layout.read_json(layout.run_record)
     fp = fingerprint(p.manifest, p.model_source)
+    if old is not None and old.get("fingerprint") != fp and _adopt_krow_stream(p, old):
+        fp = fingerprint(p.manifest, p.model_source)
     if old is not None and old.get("fingerprint") != fp:
         if not overwrite:
             new_inputs = fingerprint_inputs(p.manifest, p.model_source)
@@ -295,6 +297,28 @@ def prepare_output(
         for s in vp.committed
         if retry_failed and s.name in vp.failed_images
     ]
+
+
+def _adopt_krow_stream(p: Plan, old: dict) -> bool:
+    """An output made before ``pruning.stream`` existed was made with the K-row stream: when
+    the manifest matches it but for the stream, continue with ``krow`` (so one output never
+    mixes the two streams' images) and say so. True when the manifest was changed."""
+    sections = [p.manifest.pruning, *(v.pruning for v in p.manifest.variants)]
+    full = [s for s in sections if isinstance(s, dict) and s.get("stream") == "full"]
+    if not full:
+        return False
+    for section in full:
+        section["stream"] = "krow"
+    if fingerprint(p.manifest, p.model_source) == old.get("fingerprint"):
+        p.warnings.append(
+            f"{p.layout.display()} was made before pruning.stream existed, with the K-row "
+            "stream: continuing with stream: krow so its images stay consistent (use another "
+            "output, or --overwrite, for the default full-length stream)"
+        )
+        return True
+    for section in full:
+        section["stream"] = "full"
+    return False
 
 
 def _clear_output(layout: OutputLayout) -> None:
