@@ -49,7 +49,9 @@ class CATState(BaseState):
     Per generation:
         step: 0-based index of the next transformer call.
         reference: conditional output of step ``s + 1`` (what the selector compares against).
-        full_steps, pruned_steps: how many steps of each kind ran.
+        full_steps, pruned_steps: how many steps of each kind the current (or, after it, the
+            last) generation ran; zeroed by its first step, not by ``reset()``, because
+            diffusers resets stateful hooks at the end of a call (FLUX's ``CacheMixin``).
     """
 
     def __init__(
@@ -68,16 +70,16 @@ class CATState(BaseState):
         self.selector: Selector | None = None
         self.engine: Engine | None = None
         self.generations = 0
+        self.full_steps = 0
+        self.pruned_steps = 0
         self._selector_key: tuple[Any, ...] | None = None
         self.reset()
 
     def reset(self) -> None:
-        """Forget the current generation (indices, outputs, selector state, counters); the
-        buffers stay allocated and are rewritten by the next generation's full steps."""
+        """Forget the current generation (indices, outputs, selector state); the buffers stay
+        allocated and are rewritten by the next generation's full steps."""
         self.step = 0
         self.reference: Tensor | None = None
-        self.full_steps = 0
-        self.pruned_steps = 0
         self._has_index = False
         self._shape: tuple[int, int] | None = None
         self._last_timestep: float | None = None
@@ -104,9 +106,10 @@ class CATState(BaseState):
         self._shape = (rows, n_tokens)
         if self.step == 0:
             self.generations += 1
+            self.full_steps = self.pruned_steps = 0
 
         i, config = self.step, self.config
-        grid = engine.family.grid(model, inputs)
+        grid = engine.grid(model, inputs)
         indices = buffers.index_set(self._k(n_tokens))
         pruned = i >= config.first_pruned_step
         if pruned:
@@ -274,8 +277,10 @@ def _cat_pipeline_class(base: type) -> type:
             if state is not None:
                 bound = signature.bind(self, *args, **kwargs)
                 bound.apply_defaults()
+                family = family_of(self.transformer)
+                family.check_call(bound.arguments)
                 state.reset()
-                state.cfg = _uses_cfg(self, bound.arguments)
+                state.cfg = family.cfg and _uses_cfg(self, bound.arguments)
             return original_call(self, *args, **kwargs)
 
         attrs = {"__call__": __call__, "__module__": base.__module__, "_cat_base_class": base}
@@ -286,7 +291,8 @@ def _cat_pipeline_class(base: type) -> type:
 
 
 def _uses_cfg(pipe: Any, arguments: dict[str, Any]) -> bool:
-    """Whether this call batches ``[uncond, cond]``: diffusers' rule ``guidance_scale > 1``.
+    """Whether this call of a CFG family's pipeline batches ``[uncond, cond]``: diffusers' rule
+    ``guidance_scale > 1`` (guidance-distilled families, FLUX.1, never do: ``Family.cfg``).
 
     SD3 exposes it as ``pipe.do_classifier_free_guidance`` (set from the same argument);
     PixArt only has the local ``guidance_scale > 1.0``.
@@ -324,16 +330,19 @@ def apply_cat(
     obj: Any,
     config: CATConfig | None = None,
     *,
-    cfg: bool = True,
+    cfg: bool | None = None,
     selector_factory: SelectorFactory | None = None,
     **config_kwargs: Any,
 ) -> CATState:
-    """Apply CAT pruning to a diffusers pipeline or its transformer (SD3, SD3.5, PixArt-Sigma).
+    """Apply CAT pruning to a diffusers pipeline or its transformer (SD3, SD3.5, PixArt-Sigma,
+    FLUX.1).
 
     ``apply_cat(pipe, CATConfig(alpha=0.3))`` or ``apply_cat(pipe, alpha=0.3)``. On a pipeline the
-    state resets at every call and CFG follows the call's ``guidance_scale``; on a bare
-    transformer a new generation is detected when the timestep does not decrease, and ``cfg``
-    says whether the batch is ``[uncond..., cond...]``. Applying again replaces the old setup.
+    state resets at every call and CFG follows the call's ``guidance_scale`` (FLUX.1's guidance
+    is an input embedding: one row per image); on a bare transformer a new generation is
+    detected when the timestep does not decrease, and ``cfg`` says whether the batch is
+    ``[uncond..., cond...]`` (default: the family's, True except for FLUX.1). Applying again
+    replaces the old setup.
     Returns the :class:`CATState` (counters, ``force_indices``, ``reset()``).
     """
     if config is None:
@@ -342,6 +351,8 @@ def apply_cat(
         config = dataclasses.replace(config, **config_kwargs)
     transformer, pipeline = _split(obj)
     attention_module_name(transformer, config.attention_block)  # in range
+    if cfg is None:
+        cfg = family_of(transformer).cfg
     remove_cat(obj)
     state = CATState(
         config, cfg=cfg, auto_reset=pipeline is None, selector_factory=selector_factory
