@@ -333,14 +333,15 @@ def denoise(
     latents = inputs.latents.clone()
     sigmas = flow_sigmas(steps, setup.shift)
     marks = [clock.mark()]
+    rows = latents.shape[0] * (2 if setup.cfg else 1)  # the inputs' batch, not the setup's
     for i in range(steps):
         if setup.cfg:
-            timestep = torch.full((setup.rows,), sigmas[i] * 1000.0, device=latents.device)
+            timestep = torch.full((rows,), sigmas[i] * 1000.0, device=latents.device)
             hidden = torch.cat([latents, latents])
             uncond, cond = runner(hidden, timestep, inputs.text, inputs.pooled).chunk(2)
             velocity = uncond + setup.guidance * (cond - uncond)
         else:
-            timestep = torch.full((setup.rows,), sigmas[i], device=latents.device)
+            timestep = torch.full((rows,), sigmas[i], device=latents.device)
             velocity = runner(latents, timestep, inputs.text, inputs.pooled, **inputs.extra)
         latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
         marks.append(clock.mark())

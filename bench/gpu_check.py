@@ -1,24 +1,33 @@
-"""GPU check of CAT pruning: SD3-medium layer sizes in fp16 (random weights), one prepared run.
+"""GPU check of CAT pruning on random weights, one prepared run, per model (``--models``):
 
-Sections, each on its own (one failing does not lose the others), written to ``--out`` (JSON)
-after every section:
+- ``sd3``: SD3-medium layer sizes in fp16: 24 layers of 24 heads x 64 (width 1536), 1024px
+  (4096 image tokens), 333 text tokens, CFG (two rows per prompt);
+- ``flux``: FLUX.1-dev's width in bf16 with fewer blocks: 4 double- and 8 single-stream blocks
+  (FLUX.1-dev: 19 + 38) of 24 heads x 128 (width 3072), 1024px (4096 image tokens, latents
+  packed 2x2), 512 T5 tokens, embedded guidance 3.5 (one row per prompt). The model is
+  initialised on the GPU.
 
-1. ``correctness``: a tiny SD3 in fp32 (unpruned vs CAT at alpha = 1, eager and captured, both
-   residual streams: target <= 1e-5) and the SD3-medium model in fp16 (CAT captured vs eager at
-   alpha 0.3; CAT at alpha 1 captured vs unpruned).
-2. ``speed``: 24 layers of 24 heads x 64 (width 1536), 1024px (4096 image tokens), 333 text
-   tokens, alpha 0.3, CFG; at 1 and 4 prompts, 28 and 50 steps: the unpruned transformer and
+Sections per model, each on its own (one failing does not lose the others), written to
+``--out`` (JSON, ``{model: {section: ...}}``) after every section:
+
+1. ``correctness``: a tiny model of the family in fp32 (unpruned vs CAT at alpha = 1, eager and
+   captured, both residual streams: target <= 1e-5) and the large model in its precision (CAT
+   captured vs eager at alpha 0.3; CAT at alpha 1 captured vs unpruned).
+2. ``speed``: alpha 0.3, at 1 and 4 prompts, 28 and 50 steps: the unpruned transformer and
    CAT, each eager and captured as CUDA graphs (``cuda_graphs="on"``), in interleaved rounds
    (order rotating); medians, speed-ups, and the selection share of the eager CAT run (inside a
    graph the selector cannot be timed apart).
 3. ``macs``: the counted MAC ratios of the timeline (meta device).
 
-A time budget (``--budget``, default 190 s of measurement) skips rounds that would not fit, so
-the whole run stays under 4 minutes on an H100/H200 (model set-up and imports included).
+A time budget (``--budget``, default 300 s of measurement, shared by the models: each gets an
+equal share of what is left when it starts) skips rounds that would not fit, so the whole run
+of both models stays under 7 minutes on an H100/H200 (model set-up and imports included).
 Needs torch with CUDA and diffusers; not Ray, pydantic or open_clip.
 
     python -m bench.gpu_check --out gpu_check.json
+    python -m bench.gpu_check --models flux --out gpu_flux.json   # FLUX.1 only
     python -m bench.gpu_check --profile            # host vs device time per step, top ops
+    python -m bench.gpu_check --dry-run            # both models tiny, on the CPU (no GPU)
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ import torch
 from torch import Tensor
 
 from bench.engine_speed import (
+    FLUX,
+    FLUX_SMOKE,
     CatRunner,
     Clock,
     Runner,
@@ -58,11 +69,29 @@ SD3_MEDIUM = SpeedSetup(
 TINY = SpeedSetup(
     layers=2, heads=2, head_dim=16, latent=16, text_tokens=8, joint_dim=32, pooled_dim=32
 )
+# FLUX.1-dev's width (24 heads x 128, rotary axes 16 + 56 + 56) with 4 double + 8 single blocks
+# (the 1:2 ratio of FLUX.1-dev's 19 + 38); inputs as the CPU benchmark's FLUX configuration.
+FLUX_DEV_WIDTH = replace(FLUX, heads=24, head_dim=128, rope_axes=(16, 56, 56))
+TINY_FLUX = replace(FLUX_SMOKE, layers=2, single_layers=2, latent=16, pooled_dim=32)
+# Per model: the checked size, ``--smoke`` (a small model, still on the GPU), ``--dry-run``.
+MODELS = {
+    "sd3": (SD3_MEDIUM, SpeedSetup(layers=2, heads=4), TINY),
+    "flux": (
+        FLUX_DEV_WIDTH,
+        replace(FLUX_DEV_WIDTH, layers=1, single_layers=2, heads=4),
+        TINY_FLUX,
+    ),
+}
 VARIANTS = ("full eager", "full captured", "CAT eager", "CAT captured")
-# Where and in what precision the model runs; ``--dry-run`` sets the CPU and fp32 to test this
+# Where and in what precision the models run; ``--dry-run`` sets the CPU and fp32 to test this
 # script's plumbing without a GPU (nothing is captured there, so "captured" runs eagerly).
 DEVICE = torch.device("cuda")
-DTYPE = torch.float16
+GPU_DTYPES = {"sd3": torch.float16, "flux": torch.bfloat16}
+DTYPES = dict(GPU_DTYPES)
+
+
+def dtype_of(setup: SpeedSetup) -> torch.dtype:
+    return DTYPES[setup.family]
 
 
 class GraphRunner(Runner):
@@ -82,17 +111,20 @@ class GraphRunner(Runner):
         self.warm = False
         self.error: str | None = None if cuda else "no CUDA device (dry run)"
 
-    def __call__(self, hidden: Tensor, timestep: Tensor, text: Tensor, pooled: Tensor) -> Tensor:
-        args = (hidden, timestep, text, pooled)
+    def __call__(
+        self, hidden: Tensor, timestep: Tensor, text: Tensor, pooled: Tensor, **extra: Tensor
+    ) -> Tensor:
+        names = sorted(extra)  # FLUX: guidance, img_ids, txt_ids
+        args = (hidden, timestep, text, pooled, *(extra[n] for n in names))
         if self.error is not None:
-            return super().__call__(*args)
+            return super().__call__(hidden, timestep, text, pooled, **extra)
         if self.graph is None:
             current = torch.cuda.current_stream()
             self.stream.wait_stream(current)
             if not self.warm:
                 self.warm = True
                 with torch.cuda.stream(self.stream):
-                    out = super().__call__(*args)
+                    out = self._forward(args, names)
                 current.wait_stream(self.stream)
                 out.record_stream(current)
                 return out
@@ -100,17 +132,20 @@ class GraphRunner(Runner):
                 self.static = tuple(t.clone() for t in args)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, stream=self.stream):
-                    self.output = super().__call__(*self.static)
+                    self.output = self._forward(self.static, names)
                 current.wait_stream(self.stream)
                 self.graph = graph
             except Exception as error:  # noqa: BLE001 - report, run eagerly
                 self.error = f"{type(error).__name__}: {error}"
                 print(f"  unpruned capture failed, running eagerly: {self.error}", flush=True)
-                return super().__call__(*args)
+                return self._forward(args, names)
         for static, value in zip(self.static, args, strict=True):
             static.copy_(value)
         self.graph.replay()
         return self.output.clone()
+
+    def _forward(self, args: tuple[Tensor, ...], names: list[str]) -> Tensor:
+        return super().__call__(*args[:4], **dict(zip(names, args[4:], strict=True)))
 
 
 def graph_error(runner: Runner) -> str | None:
@@ -126,22 +161,23 @@ def graph_error(runner: Runner) -> str | None:
 
 
 class Report:
-    """Results by section, written to ``path`` after every section; a failing section is
-    recorded with its traceback and the others still run."""
+    """Results by model and section, written to ``path`` after every section; a failing
+    section is recorded with its traceback and the others still run."""
 
     def __init__(self, path: str | None, header: dict[str, Any]):
         self.path = path
         self.data: dict[str, Any] = {"header": header}
 
-    def section(self, name: str, fn: Callable[[], Any]) -> Any:
-        print(f"\n== {name} ==", flush=True)
+    def section(self, model: str, name: str, fn: Callable[[], Any]) -> Any:
+        print(f"\n== {model}: {name} ==", flush=True)
+        results = self.data.setdefault(model, {})
         try:
-            self.data[name] = fn()
+            results[name] = fn()
         except Exception as error:  # noqa: BLE001 - one failure must not lose the rest
             traceback.print_exc()
-            self.data[name] = {"error": f"{type(error).__name__}: {error}"}
+            results[name] = {"error": f"{type(error).__name__}: {error}"}
         self.write()
-        return self.data[name]
+        return results[name]
 
     def write(self) -> None:
         if self.path:
@@ -169,25 +205,27 @@ def generation(runner: Runner, setup: SpeedSetup, steps: int, inputs: Any) -> Te
 
 
 def correctness(model: torch.nn.Module, setup: SpeedSetup) -> dict[str, Any]:
-    """alpha = 1 vs unpruned (tiny, fp32; 1e-5), captured vs eager (tiny and SD3-medium)."""
+    """alpha = 1 vs unpruned (tiny model of the family, fp32; 1e-5), captured vs eager (tiny and
+    the checked size)."""
     out: dict[str, Any] = {}
     steps = 10
-    tiny = build_transformer(TINY, DEVICE, torch.float32)
-    inputs = make_inputs(replace(TINY, samples=2), DEVICE, torch.float32)
-    base = generation(Runner(tiny), TINY, steps, inputs)
+    small = replace(MODELS[setup.family][2], samples=2)
+    tiny = build_transformer(small, DEVICE, torch.float32)
+    inputs = make_inputs(small, DEVICE, torch.float32)
+    base = generation(Runner(tiny), small, steps, inputs)
     for stream in ("full", "krow"):
         for graphs in ("off", "on"):
             config = CATConfig(alpha=1.0, stream=stream, cuda_graphs=graphs, last_full_step=2)
             runner = CatRunner(tiny, config)
-            generation(runner, TINY, steps, inputs)  # warm-up / capture
-            got = generation(runner, TINY, steps, inputs)
+            generation(runner, small, steps, inputs)  # warm-up / capture
+            got = generation(runner, small, steps, inputs)
             key = f"tiny fp32 alpha=1 {stream} stream, graphs {graphs}, vs unpruned"
             out[key] = {**_max_diff(got, base), "graph_error": graph_error(runner)}
             out[key]["ok"] = out[key]["max_abs"] <= 1e-5
             runner.close()
             print(f"  {key}: {out[key]}", flush=True)
 
-    inputs = make_inputs(setup, DEVICE, DTYPE)
+    inputs = make_inputs(setup, DEVICE, dtype_of(setup))
     steps = 12
     eager = CatRunner(model, CATConfig(alpha=0.3, cuda_graphs="off", last_full_step=2))
     captured = CatRunner(model, CATConfig(alpha=0.3, cuda_graphs="on", last_full_step=2))
@@ -227,7 +265,7 @@ def speed(
     clock = Clock(DEVICE)
     for n in samples:
         run_setup = replace(setup, samples=n)
-        inputs = make_inputs(run_setup, DEVICE, DTYPE)
+        inputs = make_inputs(run_setup, DEVICE, dtype_of(setup))
         config = CATConfig(alpha=setup.alpha)
         timer = SelectorTimer(clock)
         runners = [
@@ -368,7 +406,7 @@ def profile(setup: SpeedSetup, model: torch.nn.Module, steps: int = 12) -> None:
     from bench.engine_speed import denoise
 
     dev = torch.device("cuda")
-    inputs = make_inputs(setup, dev, torch.float16)
+    inputs = make_inputs(setup, dev, dtype_of(setup))
     for runner in (
         Runner(model),
         CatRunner(model, CATConfig(alpha=setup.alpha, cuda_graphs="off")),
@@ -403,32 +441,33 @@ def profile(setup: SpeedSetup, model: torch.nn.Module, steps: int = 12) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the results (JSON) here, after every section")
-    parser.add_argument("--samples", type=int, nargs="+", default=[1, 4], help="prompts (CFG x2)")
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="in this order"
+    )
+    parser.add_argument("--samples", type=int, nargs="+", default=[1, 4], help="prompts (SD3: x2)")
     parser.add_argument("--steps", type=int, nargs="+", default=[28, 50])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds at 1 prompt")
-    parser.add_argument("--budget", type=float, default=190.0, help="seconds of measurement")
+    parser.add_argument(
+        "--budget", type=float, default=300.0, help="seconds of measurement, all models"
+    )
     parser.add_argument("--smoke", action="store_true", help="a small model (still on the GPU)")
     parser.add_argument("--profile", action="store_true", help="host vs device time, top ops")
     parser.add_argument("--skip", nargs="*", default=[], choices=["correctness", "speed", "macs"])
     parser.add_argument(
-        "--dry-run", action="store_true", help="tiny model, CPU fp32: test this script, no GPU"
+        "--dry-run", action="store_true", help="tiny models, CPU fp32: test this script, no GPU"
     )
     args = parser.parse_args(argv)
-    global DEVICE, DTYPE
+    global DEVICE, DTYPES
     if args.dry_run:
-        DEVICE, DTYPE = torch.device("cpu"), torch.float32
+        DEVICE, DTYPES = torch.device("cpu"), dict.fromkeys(GPU_DTYPES, torch.float32)
     elif not torch.cuda.is_available():
         print("no CUDA device: nothing to check (--dry-run tests the script on the CPU)")
         return 1
     else:
-        DEVICE, DTYPE = torch.device("cuda"), torch.float16
+        DEVICE, DTYPES = torch.device("cuda"), dict(GPU_DTYPES)
     start = time.perf_counter()
-    deadline = start + args.budget
-    setup = SD3_MEDIUM
-    if args.smoke:
-        setup = SpeedSetup(layers=2, heads=4)
-    if args.dry_run:
-        setup = TINY
+    size = 2 if args.dry_run else 1 if args.smoke else 0
+    setups = {name: MODELS[name][size] for name in args.models}
     name = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "CPU (dry run)"
     import diffusers
 
@@ -436,32 +475,62 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device": name,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
-        "setup": asdict(setup),
+        "setups": {model: asdict(setup) for model, setup in setups.items()},
+        "dtypes": {model: str(dtype_of(setup)) for model, setup in setups.items()},
         "default_stream": CATConfig.stream,
     }
     print(f"device: {name}; torch {torch.__version__}; diffusers {diffusers.__version__}")
-    print(describe(setup, DEVICE.type, DTYPE, None), flush=True)
     report = Report(args.out, header)
-    model = build_transformer(setup, DEVICE, DTYPE)
+    for i, (model_name, setup) in enumerate(setups.items()):
+        # each model gets an equal share of the measurement time left when it starts
+        left = start + args.budget - time.perf_counter()
+        deadline = time.perf_counter() + max(left, 0.0) / (len(setups) - i)
+        print(f"\n=== {model_name} ===", flush=True)
+        print(describe(setup, DEVICE.type, dtype_of(setup), None), flush=True)
+        try:
+            model = build_transformer(setup, DEVICE, dtype_of(setup))
+        except Exception as error:  # noqa: BLE001 - the next model still runs
+            traceback.print_exc()
+            report.data[model_name] = {"error": f"building: {type(error).__name__}: {error}"}
+            report.write()
+            continue
+        if args.profile:
+            profile(setup, model)
+        else:
+            check_model(report, model_name, model, setup, args, deadline)
+        del model
+        _free()
     if args.profile:
-        profile(setup, model)
         return 0
-    if "correctness" not in args.skip:
-        report.section("correctness", lambda: correctness(model, setup))
-    if "speed" not in args.skip:
-        rounds = {n: args.rounds if n == 1 else max(1, args.rounds - 1) for n in args.samples}
-        results = report.section(
-            "speed", lambda: speed(model, setup, args.samples, args.steps, rounds, deadline)
-        )
-        if isinstance(results, dict) and "error" not in results:
-            print()
-            print(speed_table(results))
-    if "macs" not in args.skip and time.perf_counter() < deadline + 15:
-        report.section("macs", lambda: macs(setup, args.steps))
     report.data["seconds"] = time.perf_counter() - start
     report.write()
     print(f"\ndone in {report.data['seconds']:.0f} s on {name}")
     return 0
+
+
+def check_model(
+    report: Report,
+    name: str,
+    model: torch.nn.Module,
+    setup: SpeedSetup,
+    args: argparse.Namespace,
+    deadline: float,
+) -> None:
+    """The sections of one model, within ``deadline`` (the MACs after it, if soon after)."""
+    if "correctness" not in args.skip:
+        report.section(name, "correctness", lambda: correctness(model, setup))
+    if "speed" not in args.skip:
+        rounds = {n: args.rounds if n == 1 else max(1, args.rounds - 1) for n in args.samples}
+        results = report.section(
+            name,
+            "speed",
+            lambda: speed(model, setup, args.samples, args.steps, rounds, deadline),
+        )
+        if isinstance(results, dict) and "error" not in results:
+            print(f"\n{name}:")
+            print(speed_table(results))
+    if "macs" not in args.skip and time.perf_counter() < deadline + 15:
+        report.section(name, "macs", lambda: macs(setup, args.steps))
 
 
 if __name__ == "__main__":

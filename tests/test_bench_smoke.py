@@ -53,8 +53,8 @@ def test_shapes_table_counts_unstated_shapes_per_caption():
 
 
 def test_gpu_check_dry_run_writes_each_section(tmp_path, monkeypatch):
-    """The GPU check's one shot on a GPU: its plumbing runs on the CPU (nothing captured) and a
-    section that fails is recorded while the others still run."""
+    """The GPU check's one shot on a GPU: its plumbing runs on the CPU (nothing captured) for
+    SD3 and FLUX.1, and a section that fails is recorded while the others still run."""
     from bench import gpu_check
 
     out = tmp_path / "gpu.json"
@@ -62,6 +62,26 @@ def test_gpu_check_dry_run_writes_each_section(tmp_path, monkeypatch):
     assert gpu_check.main(["--dry-run", "--skip", "speed", "--out", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["header"]["device"] == "CPU (dry run)"
-    alpha_one = [v for k, v in data["correctness"].items() if "alpha=1" in k and "tiny" in k]
-    assert len(alpha_one) == 4 and all(v["ok"] for v in alpha_one)
-    assert data["macs"] == {"error": "ZeroDivisionError: division by zero"}
+    assert data["header"]["setups"]["flux"]["family"] == "flux"
+    for model in ("sd3", "flux"):
+        checks = data[model]["correctness"]
+        alpha_one = [v for k, v in checks.items() if "alpha=1" in k and "tiny" in k]
+        assert len(alpha_one) == 4 and all(v["ok"] for v in alpha_one), checks
+        assert checks["model alpha=0.3 CAT captured vs eager"]["max_abs"] == 0.0
+        assert data[model]["macs"] == {"error": "ZeroDivisionError: division by zero"}
+
+
+def test_gpu_check_dry_run_speed_flux(tmp_path):
+    """The FLUX.1 speed section runs all four variants (one row per prompt, embedded guidance
+    through the graph runner) and reports their speed-ups."""
+    from bench import gpu_check
+
+    out = tmp_path / "gpu.json"
+    argv = ["--dry-run", "--models", "flux", "--skip", "correctness", "macs"]
+    argv += ["--samples", "1", "--steps", "10", "--rounds", "1", "--out", str(out)]
+    assert gpu_check.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert list(data) == ["header", "flux", "seconds"]
+    result = data["flux"]["speed"]["1 prompt(s), 10 steps"]
+    assert set(result["median_s"]) == set(gpu_check.VARIANTS)
+    assert result["rounds"] == 1 and result["speedup_eager"] > 0
