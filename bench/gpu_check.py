@@ -19,15 +19,17 @@ Sections per model, each on its own (one failing does not lose the others), writ
    graph the selector cannot be timed apart).
 3. ``macs``: the counted MAC ratios of the timeline (meta device).
 
-A time budget (``--budget``, default 300 s of measurement, shared by the models: each gets an
-equal share of what is left when it starts) skips rounds that would not fit, so the whole run
-of both models stays under 7 minutes on an H100/H200 (model set-up and imports included).
+A time budget (``--budget``, default 190 s of measurement per model, shared by the models: each
+gets an equal share of what is left when it starts) skips rounds that would not fit, so one
+model's run stays under 4 minutes on an H100/H200 (model set-up and imports included) and both
+under about 7 (estimates: never run on a GPU since FLUX was added).
 Needs torch with CUDA and diffusers; not Ray, pydantic or open_clip.
 
-    python -m bench.gpu_check --out gpu_check.json
-    python -m bench.gpu_check --models flux --out gpu_flux.json   # FLUX.1 only
+    python -m bench.gpu_check --out gpu_check.json              # SD3 (default), <= 4 min
+    python -m bench.gpu_check --models flux --out gpu_flux.json   # FLUX.1 only, <= 4 min
+    python -m bench.gpu_check --models sd3 flux --out both.json   # both, ~7 min
     python -m bench.gpu_check --profile            # host vs device time per step, top ops
-    python -m bench.gpu_check --dry-run            # both models tiny, on the CPU (no GPU)
+    python -m bench.gpu_check --dry-run --models sd3 flux   # tiny, on the CPU (no GPU)
 """
 
 from __future__ import annotations
@@ -442,13 +444,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="write the results (JSON) here, after every section")
     parser.add_argument(
-        "--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="in this order"
+        "--models", nargs="+", default=["sd3"], choices=list(MODELS), help="in this order"
     )
     parser.add_argument("--samples", type=int, nargs="+", default=[1, 4], help="prompts (SD3: x2)")
     parser.add_argument("--steps", type=int, nargs="+", default=[28, 50])
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds at 1 prompt")
     parser.add_argument(
-        "--budget", type=float, default=300.0, help="seconds of measurement, all models"
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds of measurement, all models (default 190 per model)",
     )
     parser.add_argument("--smoke", action="store_true", help="a small model (still on the GPU)")
     parser.add_argument("--profile", action="store_true", help="host vs device time, top ops")
@@ -457,6 +462,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dry-run", action="store_true", help="tiny models, CPU fp32: test this script, no GPU"
     )
     args = parser.parse_args(argv)
+    if args.budget is None:
+        args.budget = 190.0 * len(args.models)
     global DEVICE, DTYPES
     if args.dry_run:
         DEVICE, DTYPES = torch.device("cpu"), dict.fromkeys(GPU_DTYPES, torch.float32)

@@ -59,7 +59,8 @@ def test_gpu_check_dry_run_writes_each_section(tmp_path, monkeypatch):
 
     out = tmp_path / "gpu.json"
     monkeypatch.setattr(gpu_check, "macs", lambda *a: 1 / 0)
-    assert gpu_check.main(["--dry-run", "--skip", "speed", "--out", str(out)]) == 0
+    argv = ["--dry-run", "--models", "sd3", "flux", "--skip", "speed", "--out", str(out)]
+    assert gpu_check.main(argv) == 0
     data = json.loads(out.read_text())
     assert data["header"]["device"] == "CPU (dry run)"
     assert data["header"]["setups"]["flux"]["family"] == "flux"
