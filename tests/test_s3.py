@@ -114,7 +114,7 @@ def test_submit_extend_status_lease_on_s3(tmp_path, s3_server, ray_cluster, capl
     ]
 
     record = json.loads(fresh_fs().cat_file(url.removeprefix("s3://") + "/run.json"))
-    assert record["status"] == "complete" and record["planned_shards"]["full"]
+    assert record["status"] == "complete" and record["planned"]["full"]["pieces"] == 4
     everything = all_text(url) + out + text + caplog.text
     assert SECRET_KEY not in everything
     assert ACCESS_KEY not in all_text(url)

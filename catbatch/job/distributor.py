@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import ray
 
@@ -47,7 +51,26 @@ def connect(address: str, num_cpus: int | None, object_store_mb: int) -> None:
         )
     else:
         kwargs["address"] = None if address == "auto" else address
-    ray.init(**kwargs)
+    with _keep_signal_handlers():
+        ray.init(**kwargs)
+
+
+@contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """Keep this process's SIGTERM and SIGINT handlers across ``ray.init``: Ray installs its own
+    (SIGTERM: exit with code 15, or 1 after killing the local cluster) and its core worker a
+    native one that prints a stack trace; the driver's own handlers (the clean stop) must stay."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with mock.patch.object(ray._private.utils, "set_sigterm_handler", lambda handler: None):
+            yield
+    finally:
+        for s, handler in previous.items():
+            if handler is not None:
+                signal.signal(s, handler)
 
 
 def plan_actors(
@@ -164,7 +187,7 @@ def _jsonable(v: Any) -> Any:
 
 @dataclass
 class PoolResult:
-    done: list[dict] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)  # keys of the tasks committed
     failed: dict[str, str] = field(default_factory=dict)  # task key -> last error
     worker_info: dict = field(default_factory=dict)
     retries: list[tuple[str, str]] = field(default_factory=list)  # (task key, why)
@@ -393,7 +416,7 @@ def run_pool(
         except ray.exceptions.RayTaskError as e:
             retry_or_fail(actor, task, _first_line(e.cause or e))
         else:
-            result.done.append(out["stats"])
+            result.done.append(task.key)
             obs.task_done(actor.name, task, out["stats"], out["events"])
         submit(actor)
     for actor in [*starting.values(), *ready]:

@@ -3,7 +3,9 @@
 It outlives each submission: every submission appends an entry to ``submissions`` (when, which
 host, what it ran, how it ended, its log folder, its own counts), the pipeline description and
 log folder of the last submission that ran something are kept, and ``summary`` counts every
-committed shard, whichever submission wrote it.
+committed shard, whichever submission wrote it. Its size does not grow with the prompt count:
+per variant it keeps the number of planned pieces and images (``planned``), and it points at the
+shard index (``shard_index``, :mod:`catbatch.job.shardindex`) instead of listing the shards.
 """
 
 from __future__ import annotations
@@ -105,25 +107,27 @@ def submission_entry(tasks: int, retry_tasks: int, logs: str | None) -> dict[str
     }
 
 
-def committed_totals(layout: OutputLayout, planned: dict[str, dict[str, int]]) -> dict[str, int]:
-    """Images and shard pieces of the run over every committed piece of ``planned``."""
-    paths = [layout.shard_stats(v, name) for v, pieces in planned.items() for name in pieces]
-    stats = [s for s in map(_json_or_none, layout.read_bytes_many(paths).values()) if s]
-    return {
-        "shards_planned": len(paths),
-        "shards_committed": len(stats),
-        "images_ok": sum(int(s.get("images_ok", 0)) for s in stats),
-        "images_failed": sum(int(s.get("images_failed", 0)) for s in stats),
-        "images_invalid": sum(int(s.get("images_invalid", 0)) for s in stats),
-    }
+def committed_totals(
+    layout: OutputLayout, variants: list[str], received: dict | None = None
+) -> dict[str, Any]:
+    """Images and shard pieces over every committed piece of ``variants`` (one listing each;
+    stats from the commit digest, ``received`` stats as actors wrote them, else their files),
+    and the digest brought up to date."""
+    from catbatch.job.commits import read_commits, write_digest
+    from catbatch.job.sharding import parse_piece
 
-
-def _json_or_none(data: bytes) -> dict | None:
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return None  # a damaged stats file: the next submit moves it aside
-    return obj if isinstance(obj, dict) else None
+    totals = dict.fromkeys(("shards_committed", "images_ok", "images_failed", "images_invalid"), 0)
+    for variant in variants:
+        commits = read_commits(layout, variant, (received or {}).get(variant))
+        if commits.new:
+            write_digest(layout, variant, commits)
+        for name, stats in commits.stats.items():
+            if stats is None or parse_piece(name) is None:
+                continue  # a damaged stats file: the next submit moves it aside
+            totals["shards_committed"] += 1
+            for key in ("images_ok", "images_failed", "images_invalid"):
+                totals[key] += int(stats.get(key) or 0)
+    return totals
 
 
 def run_record(
@@ -138,8 +142,10 @@ def run_record(
     logs: str | None = None,
     previous: dict[str, Any] | None = None,
     submission: dict[str, Any] | None = None,
+    shard_index: str | None = None,
 ) -> dict[str, Any]:
-    """The run record; ``planned`` maps each variant to its pieces and their image counts.
+    """The run record; ``planned`` maps each variant to its number of pieces and images,
+    ``shard_index`` is the shard index's file, relative to the output.
 
     ``previous`` is the record of the same run before this submission: its pipeline and logs
     stay unless this submission has its own, and ``submission`` is appended to its entries."""
@@ -159,7 +165,8 @@ def run_record(
         "versions": versions(),
         "prompts": n_prompts,
         "shards": n_shards,
-        "planned_shards": planned or {},
+        "shard_index": shard_index,
+        "planned": planned or {},
         **({"logs": logs} if logs else {}),
         "images_per_prompt": manifest.images_per_prompt,
         "status": status,

@@ -38,6 +38,7 @@ from catbatch.job.lease import LeaseLost, check_generation
 from catbatch.job.manifest import Manifest, Sampling
 from catbatch.job.prompts import Prompt
 from catbatch.job.seeds import image_generator, image_seed
+from catbatch.job.shardindex import read_piece
 from catbatch.job.sharding import Task
 from catbatch.job.writer import Row, ShardStats, write_shard
 from catbatch.metrics import adherence
@@ -172,13 +173,14 @@ class Worker:
         ]
 
     def run_task(self, task: Task, layout: OutputLayout) -> ShardStats:
-        """Generate every image of the task's shard and commit the shard."""
+        """Read the task's prompts from the source, generate every image and commit the
+        piece."""
         start, started_at = time.perf_counter(), time.time()
         if self.faults:
             self.faults.before_task(task)
         self.batch_splits = []
         settings = self.variants[task.variant]
-        items = self.items(task.shard.prompts)
+        items = self.items(read_piece(task.shard))  # the task says where its prompts are
         self.event("task_start", task=task.key, images=len(items))
         rows: list[Row] = []
         bs = self.manifest.batch_size
