@@ -413,7 +413,7 @@ def submit(
     stop = stop or StopSignals()
     written: dict[str, dict[str, Written]] = {}
 
-    def write_record(status: str, totals: dict | None) -> None:
+    def write_record(status: str, totals: dict | None, defer: bool = True) -> None:
         record = run_record(
             m,
             p.model_source,
@@ -428,17 +428,19 @@ def submit(
             submission=entry,
             shard_index=p.index_file,
         )
-        with stop.deferred():
+        with stop.deferred() if defer else nullcontext():
             layout.write_json(layout.run_record, record)
 
-    write_record("running", (p.previous or {}).get("summary"))
+    stop.check()  # a signal while planning that did not get through (see StopSignals)
     generation = lease.info.generation if lease is not None and lease.info else None
     t0 = time.perf_counter()
     try:
+        write_record("running", (p.previous or {}).get("summary"))
         if p.pending:
             import ray
 
-            distributor.connect(m.ray.address, num_cpus, m.ray.object_store_mb)
+            with stop.deferred():  # Ray starts processes: act on a signal once it is up
+                distributor.connect(m.ray.address, num_cpus, m.ray.object_store_mb)
             n, cpus, gpus = distributor.plan_actors(m, len(p.pending))
             total = sum(t.shard.count for t in p.pending) * m.images_per_prompt
             bar = tqdm(total=total, unit="img", disable=not progress, desc=m.name, smoothing=0.1)
@@ -496,7 +498,7 @@ def submit(
             summary.failed_tasks.update(retry_failed)
     except Interrupted as e:
         entry.update(finished_at=now(), status="interrupted", exit_code=e.exit_code)
-        write_record("interrupted", (p.previous or {}).get("summary"))
+        write_record("interrupted", (p.previous or {}).get("summary"), defer=False)
         raise
     if lease is not None and lease.lost.is_set():
         raise JobError(
@@ -606,30 +608,33 @@ def _clock(seconds: float | None) -> str:
 
 class StopSignals:
     """The handler of SIGTERM and SIGINT for a submission (install it with
-    :func:`stop_signals`). Inside :meth:`graceful` (the actor pool runs) a signal sets
-    :attr:`event`: no new shard starts, running ones may commit. Elsewhere it raises
-    :class:`Interrupted` at once, or, inside :meth:`deferred` (a run-record write), when that
-    ends."""
+    :func:`stop_signals`). Every signal sets :attr:`event`. Inside :meth:`graceful` (the actor
+    pool runs) that is all: no new shard starts, running ones may commit. Elsewhere it raises
+    :class:`Interrupted` at once, or, inside :meth:`deferred` (a run-record write, Ray's
+    start-up, which forks processes), when that ends. A raise that some library swallows (a
+    handler that runs inside an at-fork hook) is caught up with at the next :meth:`check`."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signum: int | None = None
         self._graceful = 0
         self._deferred = 0
-        self._pending: int | None = None
 
     def __call__(self, signum: int, frame: object) -> None:
         self.signum = self.signum or signum
+        self.event.set()
         if self._graceful:
             log.warning(
                 "%s: stopping; running shards may commit, the rest stay pending",
                 signal.Signals(signum).name,
             )
-            self.event.set()
-        elif self._deferred:
-            self._pending = signum
-        else:
-            raise Interrupted(signum)
+        elif not self._deferred:
+            raise Interrupted(self.signum)
+
+    def check(self) -> None:
+        """Raise :class:`Interrupted` if a signal came (outside the pool)."""
+        if self.event.is_set() and not self._graceful and not self._deferred:
+            raise Interrupted(self.signum or signal.SIGTERM)
 
     @contextmanager
     def graceful(self) -> Iterator[None]:
@@ -646,9 +651,7 @@ class StopSignals:
             yield
         finally:
             self._deferred -= 1
-        if not self._deferred and self._pending is not None and not self._graceful:
-            signum, self._pending = self._pending, None
-            raise Interrupted(signum)
+        self.check()
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
