@@ -401,8 +401,6 @@ def submit(
     ``stop`` (installed by the caller, see :func:`stop_signals`) a signal before the pool runs
     raises :class:`Interrupted` after recording the submission as interrupted; without it,
     SIGTERM and SIGINT are handled only while the pool runs."""
-    from catbatch.job import distributor
-
     m, layout = p.manifest, p.layout
     summary = Summary(output=layout.display(), skipped_tasks=p.counts()["tasks"] - len(p.pending))
     events = EventLog(layout)
@@ -438,6 +436,8 @@ def submit(
         write_record("running", (p.previous or {}).get("summary"))
         if p.pending:
             import ray
+
+            from catbatch.job import distributor
 
             with stop.deferred():  # Ray starts processes: act on a signal once it is up
                 distributor.connect(m.ray.address, num_cpus, m.ray.object_store_mb)
