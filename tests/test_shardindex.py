@@ -117,7 +117,7 @@ def test_index_is_stored_and_reused_until_the_source_changes(tmp_path):
     assert load_index(layout, source, None, 4).n_prompts == 11
     folder = Path(layout.root) / INDEX_DIR / rebuilt.key
     assert sorted(p.name for p in folder.iterdir()) == [
-        f"{rebuilt.build}.shards.parquet",
+        f"{rebuilt.build}.shards.npz",
         "index.json",
     ]
 

@@ -1,7 +1,7 @@
 """The commit digest: the stats of a variant's committed pieces as of a listing, so that
 ``status`` and resume read one listing and one file per variant, not one stats file per piece::
 
-    OUTPUT/index/commits/<variant>.parquet
+    OUTPUT/index/commits/<variant>.npz
 
 The stats files stay the commit markers and the truth: a stats file is taken from the digest
 only when the listing shows it with the size and version (S3 ETag, local modification time and
@@ -53,28 +53,34 @@ class Commits:
 
 @dataclass(frozen=True, slots=True)
 class Written:
-    """A stats file as its actor wrote it: the size and MD5 of its bytes and the fields the
-    digest keeps (what the driver holds per commit of a run)."""
+    """A stats file as its actor wrote it, as compact as the driver can hold one per commit of
+    a run: the size and MD5 of its bytes and the fields the digest keeps (hashes as bytes)."""
 
     size: int
-    md5: str
-    values: tuple[Any, ...]
+    md5: bytes
+    counts: tuple[int, ...]  # rows, images ok, failed, invalid, Parquet bytes
+    hashes: bytes  # parquet_sha256 and content_hash, 32 bytes each
 
     @classmethod
     def of(cls, stats: dict[str, Any]) -> Written:
         data = json_bytes(stats)
-        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        return cls(len(data), md5, tuple(stats.get(k) for k in FIELDS))
+        counts = tuple(int(stats.get(k) or 0) for k in _INT_FIELDS)
+        hashes = bytes.fromhex(stats["parquet_sha256"]) + bytes.fromhex(stats["content_hash"])
+        return cls(len(data), hashlib.md5(data, usedforsecurity=False).digest(), counts, hashes)
 
     def matches(self, entry: FileEntry) -> bool:
-        return entry.size == self.size and entry.md5 in (None, self.md5)
+        return entry.size == self.size and entry.md5 in (None, self.md5.hex())
 
     def stats(self) -> dict[str, Any]:
-        return dict(zip(FIELDS, self.values, strict=True))
+        return {
+            **dict(zip(_INT_FIELDS, self.counts, strict=True)),
+            "parquet_sha256": self.hashes[:32].hex(),
+            "content_hash": self.hashes[32:].hex(),
+        }
 
 
 def digest_path(layout: OutputLayout, variant: str) -> str:
-    return layout.path(*DIGEST_DIR, f"{variant}.parquet")
+    return layout.path(*DIGEST_DIR, f"{variant}.npz")
 
 
 def read_commits(
@@ -122,48 +128,43 @@ def parse_stats(data: bytes | None) -> dict[str, Any] | None:
 
 def load_digest(layout: OutputLayout, variant: str) -> dict[str, tuple[tuple[int, str], dict]]:
     """``{piece: ((size, version) of its stats file, stats)}``; {} without a readable digest."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import numpy as np
 
     data = layout.read_bytes(digest_path(layout, variant))
     if data is None:
         return {}
     try:
-        columns = pq.read_table(pa.BufferReader(data)).to_pydict()
-    except (pa.ArrowException, OSError):
+        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            columns = {k: arrays[k].tolist() for k in ("name", "size", "version", *FIELDS)}
+    except (OSError, ValueError, KeyError):
         return {}  # rewritten at the next submit
     out = {}
     for n, name in enumerate(columns["name"]):
-        stats = {k: columns[k][n] for k in FIELDS}
-        out[name] = ((columns["size"][n], columns["version"][n]), stats)
+        stats = {k: columns[k][n] if k in _INT_FIELDS else columns[k][n].decode() for k in FIELDS}
+        out[name.decode()] = ((columns["size"][n], columns["version"][n].decode()), stats)
     return out
 
 
 def write_digest(layout: OutputLayout, variant: str, commits: Commits) -> None:
-    """Record the readable stats of ``commits`` with their files' size and version."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Record the readable stats of ``commits`` with their files' size and version (numpy,
+    not Parquet: pyarrow's array constructors import pandas, 50 MB in the driver)."""
+    import numpy as np
 
     rows = [
         (name, commits.files[name + STATS_SUFFIX], stats)
         for name, stats in sorted(commits.stats.items())
         if stats is not None and commits.files[name + STATS_SUFFIX].version is not None
     ]
-    columns: dict[str, Any] = {
-        "name": pa.array([r[0] for r in rows], pa.string()),
-        "size": pa.array([r[1].size for r in rows], pa.int64()),
-        "version": pa.array([r[1].version for r in rows], pa.string()),
+    arrays = {
+        "name": np.array([r[0].encode() for r in rows], dtype=bytes),
+        "size": np.array([r[1].size for r in rows], dtype=np.int64),
+        "version": np.array([str(r[1].version).encode() for r in rows], dtype=bytes),
     }
     for k in FIELDS:
-        kind = pa.int64() if k in _INT_FIELDS else pa.string()
-        columns[k] = pa.array([_field(r[2], k) for r in rows], kind)
+        if k in _INT_FIELDS:
+            arrays[k] = np.array([int(r[2].get(k) or 0) for r in rows], dtype=np.int64)
+        else:
+            arrays[k] = np.array([str(r[2].get(k) or "").encode() for r in rows], dtype=bytes)
     buf = io.BytesIO()
-    pq.write_table(pa.table(columns), buf, compression="zstd")
+    np.savez_compressed(buf, **arrays)
     layout.write_bytes(digest_path(layout, variant), buf.getvalue())
-
-
-def _field(stats: dict[str, Any], key: str) -> Any:
-    value = stats.get(key)
-    if key in _INT_FIELDS:
-        return int(value or 0)
-    return None if value is None else str(value)

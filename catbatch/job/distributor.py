@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from unittest import mock
 
 import ray
 
@@ -64,10 +63,13 @@ def _keep_signal_handlers() -> Iterator[None]:
         yield
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    utils = ray._private.utils
+    install = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None  # what ray.init would install
     try:
-        with mock.patch.object(ray._private.utils, "set_sigterm_handler", lambda handler: None):
-            yield
+        yield
     finally:
+        utils.set_sigterm_handler = install
         for s, handler in previous.items():
             if handler is not None:
                 signal.signal(s, handler)
@@ -187,7 +189,7 @@ def _jsonable(v: Any) -> Any:
 
 @dataclass
 class PoolResult:
-    done: list[str] = field(default_factory=list)  # keys of the tasks committed
+    done: list[Task] = field(default_factory=list)  # the tasks committed
     failed: dict[str, str] = field(default_factory=dict)  # task key -> last error
     worker_info: dict = field(default_factory=dict)
     retries: list[tuple[str, str]] = field(default_factory=list)  # (task key, why)
@@ -416,7 +418,7 @@ def run_pool(
         except ray.exceptions.RayTaskError as e:
             retry_or_fail(actor, task, _first_line(e.cause or e))
         else:
-            result.done.append(task.key)
+            result.done.append(task)
             obs.task_done(actor.name, task, out["stats"], out["events"])
         submit(actor)
     for actor in [*starting.values(), *ready]:

@@ -17,7 +17,7 @@ on object stores; sha256 of the whole file up to :data:`WHOLE_FILE_BYTES`, else 
     OUTPUT/index/<key>/index.json              what it indexes (source identity, shard size),
                                                the fingerprint, counts, how to read a span;
                                                written last
-    OUTPUT/index/<key>/<build>.shards.parquet  per shard: start, end, row, line, content_hash
+    OUTPUT/index/<key>/<build>.shards.npz      per shard: start, end, row, line; content hashes
     OUTPUT/index/<key>/<build>.prompts.jsonl   the copied prompts, where the source is not read
                                                in place
 
@@ -138,7 +138,7 @@ class ShardIndex:
             "invalid_prompts": self.invalid,
             "invalid_examples": self.invalid_examples,
             "source": {**dataclasses.asdict(self.source), "location": copy or self.source.location},
-            "shards_file": f"{self.build}.shards.parquet",
+            "shards_file": f"{self.build}.shards.npz",
         }
 
 
@@ -302,9 +302,6 @@ def _unlink(path: str) -> None:
 def save_index(layout: OutputLayout, index: ShardIndex) -> None:
     """Store the index under the output (copied prompts, shard table, then index.json), point
     its spans at the stored copy, and remove the files of earlier builds."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     folder = (INDEX_DIR, index.key)
     meta = index.meta()
     if index.copied:
@@ -313,19 +310,8 @@ def save_index(layout: OutputLayout, index: ShardIndex) -> None:
         target = layout.path(*folder, meta["source"]["location"])
         layout.put_file(index.copy_path, target)
         index.source = dataclasses.replace(index.source, location=layout.display(target))
-    table = pa.table(
-        {
-            "start": index.spans[:, 0],
-            "end": index.spans[:, 1],
-            "row": index.spans[:, 2],
-            "line": index.spans[:, 3],
-            "content_hash": pa.Array.from_buffers(
-                pa.binary(32), index.n_shards, [None, pa.py_buffer(index.hashes)]
-            ),
-        }
-    )
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    buf = io.BytesIO()  # numpy, not Parquet: pyarrow's array constructors import pandas
+    np.savez_compressed(buf, spans=index.spans, hashes=np.frombuffer(index.hashes, np.uint8))
     layout.write_bytes(layout.path(*folder, meta["shards_file"]), buf.getvalue())
     layout.write_json(layout.path(*folder, INDEX_FILE), meta)
     index.stored = True
@@ -338,9 +324,6 @@ def load_index(
     layout: OutputLayout, source: PromptSource, base_dir: str | Path | None, shard_size: int
 ) -> ShardIndex | None:
     """The stored index of this source and shard size, if the source is unchanged since."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     identity = index_identity(source, base_dir, shard_size)
     key = index_key(identity)
     meta = layout.read_json(layout.path(INDEX_DIR, key, INDEX_FILE))
@@ -353,10 +336,8 @@ def load_index(
     data = layout.read_bytes(layout.path(INDEX_DIR, key, meta["shards_file"]))
     if data is None:
         return None
-    table = pq.read_table(pa.BufferReader(data))
-    spans = np.stack([table[c].to_numpy() for c in ("start", "end", "row", "line")], axis=1)
-    hashes = table["content_hash"].combine_chunks()
-    raw = hashes.buffers()[1].to_pybytes()[32 * hashes.offset : 32 * (hashes.offset + len(hashes))]
+    with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+        spans, raw = arrays["spans"], arrays["hashes"].tobytes()
     sf = SourceFormat(
         **{
             **meta["source"],
@@ -368,7 +349,7 @@ def load_index(
         sf = dataclasses.replace(
             sf, location=layout.display(layout.path(INDEX_DIR, key, sf.location))
         )
-    if len(raw) != 32 * len(spans) or int(meta["shards"]) != len(spans):
+    if spans.shape != (int(meta["shards"]), 4) or len(raw) != 32 * len(spans):
         return None
     return ShardIndex(
         key=key,
