@@ -211,6 +211,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         RAY_USAGE_STATS_ENABLED="0",
+        RAY_AUTH_MODE="disabled",  # as catbatch's private cluster (distributor.connect)
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
     )
     return env

@@ -324,6 +324,7 @@ def prepare_output(
         layout.check_writable()
         old = None
     p.previous = old
+    p.pending = []  # (every task until now: rebuilt below, not held twice)
     ipp = p.manifest.images_per_prompt
     plans: dict[str, resume.VariantPlan] = {}
     for variant in p.manifest.resolved_variants():
