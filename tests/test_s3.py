@@ -281,3 +281,29 @@ def test_missing_s3_credentials_are_a_clear_error(tmp_path, monkeypatch):
             assert "NoCredentialsError" in text and "Traceback" not in text
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_prompt_source_on_s3_is_indexed_and_read_by_byte_ranges(tmp_path, s3_server):
+    """A text source on S3: the index build streams it once, each shard is read back with a
+    ranged GET, and the stored index is reused until the object changes (its ETag)."""
+    from catbatch.job.prompts import PromptSource, read_prompts
+    from catbatch.job.shardindex import build_index, load_index, save_index
+
+    root = f"{s3_server.url('')}src-{uuid.uuid4().hex[:8]}".removeprefix("s3://")
+    fs = fresh_fs()
+    fs.pipe_file(f"{root}/prompts.txt", "".join(f"prompt {i}\n" for i in range(50)).encode())
+    source = PromptSource(path=f"s3://{root}/prompts.txt")
+    index = build_index(source, None, 8)
+    layout = OutputLayout(s3_server.url(f"runs/{uuid.uuid4().hex[:8]}"))
+    sent: list[str] = []
+    layout.fs.connect()
+    layout.fs.s3.meta.events.register(
+        "before-send.s3", lambda request, **_: sent.append(request.headers.get("Range") or "")
+    )
+    shards = [index.read(i) for i in range(index.n_shards)]
+    assert [p for s in shards for p in s] == read_prompts(source)
+    assert len([r for r in sent if r.startswith("bytes=")]) >= index.n_shards, sent
+    save_index(layout, index)
+    assert load_index(layout, source, None, 8).build == index.build
+    fs.pipe_file(f"{root}/prompts.txt", b"".join(b"prompt %d\n" % i for i in range(51)))
+    assert load_index(layout, source, None, 8) is None

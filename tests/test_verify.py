@@ -137,14 +137,14 @@ class Counting:
         for name in ("list_files", "read_bytes", "read_bytes_many"):
             real = getattr(layout, name)
 
-            def counted(*args, _real=real, _name=name):
+            def counted(*args, _real=real, _name=name, **kwargs):
                 if self.inside:
-                    return _real(*args)
+                    return _real(*args, **kwargs)
                 n = len(args[0]) if _name == "read_bytes_many" else 1
                 self.calls += ["read_bytes" if _name == "read_bytes_many" else _name] * n
                 self.inside = True
                 try:
-                    return _real(*args)
+                    return _real(*args, **kwargs)
                 finally:
                     self.inside = False
 
@@ -176,7 +176,7 @@ def test_digest_replaces_reading_every_stats_file(tmp_path, monkeypatch):
     stats["images_failed"], stats["images_ok"] = 1, 0
     stats_path.write_text(json.dumps(stats))  # same piece, new content
     found = check_pieces(layout, "v")
-    assert found.commits.read == 1 and found.stats["shard-00007"]["images_failed"] == 1
+    assert found.commits.read == 1 and found.stats["shard-00007"].images_failed == 1
 
 
 def test_stats_an_actor_returned_need_no_read(tmp_path, prompts):
@@ -187,7 +187,33 @@ def test_stats_an_actor_returned_need_no_read(tmp_path, prompts):
     layout = OutputLayout(str(tmp_path / "out"))
     returned = {piece_name(i): Written.of(commit(layout, [p], i, 0)) for i, p in enumerate(prompts)}
     commits = read_commits(layout, "v", returned)
-    assert commits.read == 0 and commits.stats["shard-00001"]["rows"] == 1
+    assert commits.read == 0 and commits.stats["shard-00001"].rows == 1
     bigger = tmp_path / "out/variants/v/shard-00002.stats.json"
     bigger.write_text(bigger.read_text() + " ")
     assert read_commits(layout, "v", returned).read == 1
+
+
+def test_refresh_totals_every_piece_and_uses_up_what_actors_returned(tmp_path, monkeypatch):
+    """The end of a submission: one listing of the stats files; the stats the actors returned
+    go into the digest without being read again (and are released); a second refresh with
+    nothing new leaves the digest as it is."""
+    from catbatch.job.commits import Written, digest_path, refresh
+
+    (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(30)))
+    prompts = read_prompts(PromptSource(path=str(tmp_path / "p.txt")))
+    layout = OutputLayout(str(tmp_path / "out"))
+    returned = {piece_name(i): Written.of(commit(layout, [p], i, 0)) for i, p in enumerate(prompts)}
+    (tmp_path / "out/variants/v/shard-00003.stats.json").write_text("{broken")
+    counting = Counting(layout, monkeypatch)
+    totals = refresh(layout, "v", returned)
+    assert totals == {
+        "shards_committed": 29,
+        "images_ok": 29,
+        "images_failed": 0,
+        "images_invalid": 0,
+    }
+    assert returned == {} and counting.calls == ["list_files", "read_bytes", "read_bytes"]
+    digest = Path(digest_path(layout, "v"))
+    before = digest.stat().st_mtime_ns
+    assert refresh(layout, "v") == totals and digest.stat().st_mtime_ns == before
+    assert read_commits(layout, "v").read == 1  # only the broken one

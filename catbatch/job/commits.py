@@ -8,7 +8,8 @@ only when the listing shows it with the size and version (S3 ETag, local modific
 inode) the digest recorded it with; any other is read. The driver writes the digest after
 planning and when a submission ends, with the stats its actors returned (taken as written when
 the listing's size, and MD5 where the store gives one, match). A missing or stale digest costs
-reads, never a wrong answer.
+reads, never a wrong answer. Per piece the driver holds a few hundred bytes: a
+:class:`CommitStats`, a :class:`Written`, or a row of the digest's arrays.
 """
 
 from __future__ import annotations
@@ -16,23 +17,76 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from catbatch.job.layout import FileEntry, OutputLayout, json_bytes
 
 DIGEST_DIR = ("index", "commits")
 STATS_SUFFIX = ".stats.json"
-FIELDS = (
-    "rows",
-    "images_ok",
-    "images_failed",
-    "images_invalid",
-    "parquet_bytes",
-    "parquet_sha256",
-    "content_hash",
-)
-_INT_FIELDS = FIELDS[:5]
+_COUNTS = ("rows", "images_ok", "images_failed", "images_invalid", "parquet_bytes")
+_HASHES = ("parquet_sha256", "content_hash")
+
+
+@dataclass(frozen=True, slots=True)
+class CommitStats:
+    """What resume, ``status`` and the digest need of a piece's stats file."""
+
+    rows: int
+    images_ok: int
+    images_failed: int
+    images_invalid: int
+    parquet_bytes: int
+    parquet_sha256: str
+    content_hash: str
+
+    @classmethod
+    def of(cls, stats: dict[str, Any]) -> CommitStats | None:
+        """From a stats file's content; None when it lacks what resume needs."""
+        try:
+            counts = [int(stats.get(k) or 0) for k in _COUNTS]
+            if any(k not in stats for k in ("rows", "parquet_bytes", *_HASHES)):
+                return None
+            return cls(*counts, str(stats["parquet_sha256"]), str(stats["content_hash"]))
+        except (TypeError, ValueError, AttributeError):
+            return None
+
+
+def parse_stats(data: bytes | None) -> CommitStats | None:
+    """A stats file's content, or None when it is missing, unreadable or lacks what resume
+    needs."""
+    try:
+        stats = json.loads(data) if data is not None else None
+    except ValueError:
+        return None
+    return CommitStats.of(stats) if isinstance(stats, dict) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """A stats file as its actor wrote it, as compact as the driver can hold one per commit of
+    a run: the size and MD5 of its bytes, its counts and its two hashes (as bytes)."""
+
+    size: int
+    md5: bytes
+    counts: tuple[int, ...]
+    hashes: bytes
+
+    @classmethod
+    def of(cls, stats: dict[str, Any]) -> Written:
+        data = json_bytes(stats)
+        counts = tuple(int(stats.get(k) or 0) for k in _COUNTS)
+        hashes = bytes.fromhex(stats["parquet_sha256"]) + bytes.fromhex(stats["content_hash"])
+        return cls(len(data), hashlib.md5(data, usedforsecurity=False).digest(), counts, hashes)
+
+    def matches(self, entry: FileEntry) -> bool:
+        return entry.size == self.size and entry.md5 in (None, self.md5.hex())
+
+    def stats(self) -> CommitStats:
+        return CommitStats(*self.counts, self.hashes[:32].hex(), self.hashes[32:].hex())
 
 
 @dataclass
@@ -41,7 +95,7 @@ class Commits:
     (``None``: unreadable)."""
 
     files: dict[str, FileEntry] = field(default_factory=dict)
-    stats: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    stats: dict[str, CommitStats | None] = field(default_factory=dict)
     read: int = 0  # stats files read
     received: int = 0  # stats taken as an actor returned them
 
@@ -51,36 +105,51 @@ class Commits:
         return bool(self.read or self.received)
 
 
-@dataclass(frozen=True, slots=True)
-class Written:
-    """A stats file as its actor wrote it, as compact as the driver can hold one per commit of
-    a run: the size and MD5 of its bytes and the fields the digest keeps (hashes as bytes)."""
-
-    size: int
-    md5: bytes
-    counts: tuple[int, ...]  # rows, images ok, failed, invalid, Parquet bytes
-    hashes: bytes  # parquet_sha256 and content_hash, 32 bytes each
-
-    @classmethod
-    def of(cls, stats: dict[str, Any]) -> Written:
-        data = json_bytes(stats)
-        counts = tuple(int(stats.get(k) or 0) for k in _INT_FIELDS)
-        hashes = bytes.fromhex(stats["parquet_sha256"]) + bytes.fromhex(stats["content_hash"])
-        return cls(len(data), hashlib.md5(data, usedforsecurity=False).digest(), counts, hashes)
-
-    def matches(self, entry: FileEntry) -> bool:
-        return entry.size == self.size and entry.md5 in (None, self.md5.hex())
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            **dict(zip(_INT_FIELDS, self.counts, strict=True)),
-            "parquet_sha256": self.hashes[:32].hex(),
-            "content_hash": self.hashes[32:].hex(),
-        }
-
-
 def digest_path(layout: OutputLayout, variant: str) -> str:
     return layout.path(*DIGEST_DIR, f"{variant}.npz")
+
+
+class Digest:
+    """A variant's digest as stored: one row per piece, sorted by name, in numpy arrays (no
+    object per piece)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray] | None = None):
+        self.arrays = arrays or {}
+
+    def __len__(self) -> int:
+        return len(self.arrays.get("name", ()))
+
+    def rows(self, names: list[str]) -> list[int]:
+        """The row of each name (-1 where the digest has none)."""
+        stored = self.arrays.get("name")
+        if stored is None or not len(stored) or not names:
+            return [-1] * len(names)
+        keys = np.array([n.encode() for n in names], dtype=bytes)
+        found = np.searchsorted(stored, keys).clip(0, len(stored) - 1)
+        return np.where(stored[found] == keys, found, -1).tolist()
+
+    def stats(self, i: int, entry: FileEntry) -> CommitStats | None:
+        """Row ``i``'s stats if the listing shows its stats file as the digest recorded it."""
+        a = self.arrays
+        if i < 0 or entry.version is None or int(a["size"][i]) != entry.size:
+            return None
+        if a["version"][i].decode() != entry.version:
+            return None
+        counts = (int(a[k][i]) for k in _COUNTS)
+        return CommitStats(*counts, *(a[k][i].tobytes().hex() for k in _HASHES))
+
+
+def load_digest(layout: OutputLayout, variant: str) -> Digest:
+    """The stored digest; an empty one when there is none or it is unreadable."""
+    data = layout.read_bytes(digest_path(layout, variant))
+    if data is None:
+        return Digest()
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+            arrays = {k: stored[k] for k in ("name", "size", "version", *_COUNTS, *_HASHES)}
+        return Digest(arrays)
+    except (OSError, ValueError, KeyError):
+        return Digest()  # rewritten at the next submit
 
 
 def read_commits(
@@ -90,24 +159,19 @@ def read_commits(
     from ``received`` (stats as an actor wrote them) or, failing both, from its file."""
     files = layout.list_files("variants", variant)
     names = [n.removesuffix(STATS_SUFFIX) for n in files if n.endswith(STATS_SUFFIX)]
-    digest = load_digest(layout, variant) if names else {}
+    digest = load_digest(layout, variant) if names else Digest()
     received = received or {}
     out = Commits(files)
     unknown = []
-    for name in names:
+    for name, row in zip(names, digest.rows(names), strict=True):
         entry = files[name + STATS_SUFFIX]
-        known = digest.get(name)
-        if (
-            known is not None
-            and entry.version is not None
-            and known[0] == (entry.size, entry.version)
-        ):
-            out.stats[name] = known[1]
-        elif name in received and received[name].matches(entry):
-            out.stats[name] = received[name].stats()
+        stats = digest.stats(row, entry)
+        if stats is None and name in received and received[name].matches(entry):
+            stats = received[name].stats()
             out.received += 1
-        else:
+        if stats is None:
             unknown.append(name)
+        out.stats[name] = stats
     blobs = layout.read_bytes_many([layout.shard_stats(variant, n) for n in unknown])
     for name in unknown:
         out.stats[name] = parse_stats(blobs.get(layout.shard_stats(variant, name)))
@@ -115,56 +179,112 @@ def read_commits(
     return out
 
 
-def parse_stats(data: bytes | None) -> dict[str, Any] | None:
-    """A stats file's content, or None when it is missing, unreadable or lacks what resume
-    needs."""
-    try:
-        stats = json.loads(data) if data is not None else None
-    except ValueError:
-        return None
-    needed = ("parquet_bytes", "parquet_sha256", "rows", "content_hash")
-    return stats if isinstance(stats, dict) and all(k in stats for k in needed) else None
+class _Columns:
+    """The digest's arrays, filled one piece at a time (a few dozen bytes a piece)."""
 
+    def __init__(self) -> None:
+        self.names: list[bytes] = []
+        self.versions: list[bytes] = []
+        self.ints = {k: array("q") for k in ("size", *_COUNTS)}
+        self.hashes = {k: bytearray() for k in _HASHES}
 
-def load_digest(layout: OutputLayout, variant: str) -> dict[str, tuple[tuple[int, str], dict]]:
-    """``{piece: ((size, version) of its stats file, stats)}``; {} without a readable digest."""
-    import numpy as np
+    def add(self, name: str, entry: FileEntry, stats: CommitStats) -> None:
+        try:
+            hashes = {k: bytes.fromhex(getattr(stats, k)) for k in _HASHES}
+        except ValueError:
+            return  # not a hash: read again next time
+        if entry.version is None or any(len(h) != 32 for h in hashes.values()):
+            return
+        self.names.append(name.encode())
+        self.versions.append(entry.version.encode())
+        self.ints["size"].append(entry.size)
+        for k in _COUNTS:
+            self.ints[k].append(getattr(stats, k))
+        for k, h in hashes.items():
+            self.hashes[k] += h
 
-    data = layout.read_bytes(digest_path(layout, variant))
-    if data is None:
-        return {}
-    try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
-            columns = {k: arrays[k].tolist() for k in ("name", "size", "version", *FIELDS)}
-    except (OSError, ValueError, KeyError):
-        return {}  # rewritten at the next submit
-    out = {}
-    for n, name in enumerate(columns["name"]):
-        stats = {k: columns[k][n] if k in _INT_FIELDS else columns[k][n].decode() for k in FIELDS}
-        out[name.decode()] = ((columns["size"][n], columns["version"][n].decode()), stats)
-    return out
+    def write(self, layout: OutputLayout, variant: str) -> None:
+        arrays = {
+            "name": np.array(self.names, dtype=bytes),
+            "version": np.array(self.versions, dtype=bytes),
+            **{k: np.frombuffer(v, dtype=np.int64) for k, v in self.ints.items()},
+            # uint8 rows, not bytes ("S32" would drop a hash's trailing zero bytes)
+            **{
+                k: np.frombuffer(bytes(v), dtype=np.uint8).reshape(-1, 32)
+                for k, v in self.hashes.items()
+            },
+        }
+        order = np.argsort(arrays["name"], kind="stable")  # Digest.rows searches by name
+        arrays = {k: v[order] for k, v in arrays.items()}
+        buf = io.BytesIO()  # numpy, not Parquet: pyarrow's array constructors import pandas
+        np.savez_compressed(buf, **arrays)
+        layout.write_bytes(digest_path(layout, variant), buf.getvalue())
 
 
 def write_digest(layout: OutputLayout, variant: str, commits: Commits) -> None:
-    """Record the readable stats of ``commits`` with their files' size and version (numpy,
-    not Parquet: pyarrow's array constructors import pandas, 50 MB in the driver)."""
-    import numpy as np
+    """Record the readable stats of ``commits`` with their files' size and version."""
+    columns = _Columns()
+    for name, stats in sorted(commits.stats.items()):
+        if stats is not None:
+            columns.add(name, commits.files[name + STATS_SUFFIX], stats)
+    columns.write(layout, variant)
 
-    rows = [
-        (name, commits.files[name + STATS_SUFFIX], stats)
-        for name, stats in sorted(commits.stats.items())
-        if stats is not None and commits.files[name + STATS_SUFFIX].version is not None
-    ]
-    arrays = {
-        "name": np.array([r[0].encode() for r in rows], dtype=bytes),
-        "size": np.array([r[1].size for r in rows], dtype=np.int64),
-        "version": np.array([str(r[1].version).encode() for r in rows], dtype=bytes),
-    }
-    for k in FIELDS:
-        if k in _INT_FIELDS:
-            arrays[k] = np.array([int(r[2].get(k) or 0) for r in rows], dtype=np.int64)
+
+def refresh(
+    layout: OutputLayout, variant: str, received: dict[str, Written] | None = None
+) -> dict[str, int]:
+    """Bring the digest up to date after a submission (one listing; ``received`` entries are
+    used up as they go into it) and total the committed pieces' counts. Holds no stats object
+    per piece: what the digest or ``received`` lacks is read in batches."""
+    from catbatch.job.sharding import parse_piece
+
+    files = layout.list_files("variants", variant, suffix=STATS_SUFFIX)
+    digest = load_digest(layout, variant) if files else Digest()
+    received = received if received is not None else {}
+    columns = _Columns()
+    totals = dict.fromkeys(("shards_committed", "images_ok", "images_failed", "images_invalid"), 0)
+    names = [file.removesuffix(STATS_SUFFIX) for file in files]
+    unknown: list[str] = []
+    new = 0  # stats that are not in the digest yet
+
+    def count(name: str, stats: CommitStats | None) -> None:
+        if stats is None or parse_piece(name) is None:
+            return  # a damaged stats file: the next submit moves it aside
+        columns.add(name, files[name + STATS_SUFFIX], stats)
+        totals["shards_committed"] += 1
+        for key in ("images_ok", "images_failed", "images_invalid"):
+            totals[key] += getattr(stats, key)
+
+    for name, row in zip(names, digest.rows(names), strict=True):
+        entry = files[name + STATS_SUFFIX]
+        stats = digest.stats(row, entry)
+        written = received.pop(name, None)
+        if stats is None and written is not None and written.matches(entry):
+            stats, new = written.stats(), new + 1
+        if stats is None:
+            unknown.append(name)
         else:
-            arrays[k] = np.array([str(r[2].get(k) or "").encode() for r in rows], dtype=bytes)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    layout.write_bytes(digest_path(layout, variant), buf.getvalue())
+            count(name, stats)
+    for start in range(0, len(unknown), 1000):
+        batch = unknown[start : start + 1000]
+        blobs = layout.read_bytes_many([layout.shard_stats(variant, n) for n in batch])
+        for name in batch:
+            before = len(columns.names)
+            count(name, parse_stats(blobs.get(layout.shard_stats(variant, name))))
+            new += len(columns.names) - before
+    if new or len(digest) != len(columns.names):
+        columns.write(layout, variant)
+    return totals
+
+
+__all__ = [
+    "CommitStats",
+    "Commits",
+    "Digest",
+    "Written",
+    "load_digest",
+    "parse_stats",
+    "read_commits",
+    "refresh",
+    "write_digest",
+]

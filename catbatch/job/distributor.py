@@ -189,7 +189,7 @@ def _jsonable(v: Any) -> Any:
 
 @dataclass
 class PoolResult:
-    done: list[Task] = field(default_factory=list)  # the tasks committed
+    done: list[str] = field(default_factory=list)  # keys of the tasks committed
     failed: dict[str, str] = field(default_factory=dict)  # task key -> last error
     worker_info: dict = field(default_factory=dict)
     retries: list[tuple[str, str]] = field(default_factory=list)  # (task key, why)
@@ -418,7 +418,7 @@ def run_pool(
         except ray.exceptions.RayTaskError as e:
             retry_or_fail(actor, task, _first_line(e.cause or e))
         else:
-            result.done.append(task)
+            result.done.append(task.key)
             obs.task_done(actor.name, task, out["stats"], out["events"])
         submit(actor)
     for actor in [*starting.values(), *ready]:

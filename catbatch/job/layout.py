@@ -271,12 +271,12 @@ class OutputLayout:
 
         return self.retrying(f"listing {self.display(folder)}", ls)
 
-    def list_files(self, *parts: str) -> dict[str, FileEntry]:
-        """``{name: entry}`` of the files in a folder, in one (paginated) fresh listing; {} if
-        none."""
+    def list_files(self, *parts: str, suffix: str = "") -> dict[str, FileEntry]:
+        """``{name: entry}`` of the files in a folder whose names end with ``suffix``, in one
+        (paginated) fresh listing; {} if none."""
         folder = self.path(*parts)
         if self.is_local:
-            return _list_local(folder)
+            return _list_local(folder, suffix)
 
         def ls() -> dict[str, FileEntry]:
             self.fs.invalidate_cache(folder)
@@ -284,10 +284,11 @@ class OutputLayout:
                 entries = self.fs.ls(folder, detail=True)
             except FileNotFoundError:
                 return {}
+            names = (e["name"].rstrip("/").rsplit("/", 1)[1] for e in entries)
             return {
-                e["name"].rstrip("/").rsplit("/", 1)[1]: _remote_entry(e)
-                for e in entries
-                if e.get("type") != "directory"
+                name: _remote_entry(e)
+                for name, e in zip(names, entries, strict=True)
+                if e.get("type") != "directory" and name.endswith(suffix)
             }
 
         return self.retrying(f"listing {self.display(folder)}", ls)
@@ -344,13 +345,15 @@ def json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
-def _list_local(folder: str) -> dict[str, FileEntry]:
+def _list_local(folder: str, suffix: str = "") -> dict[str, FileEntry]:
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
         return {}
     out = {}
     for entry in entries:
+        if not entry.name.endswith(suffix):
+            continue
         try:
             if not entry.is_file():
                 continue

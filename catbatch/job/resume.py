@@ -27,6 +27,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from catbatch.job import verify
+from catbatch.job.commits import CommitStats
 from catbatch.job.layout import OutputLayout
 from catbatch.job.prompts import Prompt
 from catbatch.job.shardindex import ShardIndex, SourceChanged, read_piece
@@ -48,7 +49,7 @@ class Piece:
     first: int
     count: int
     state: str
-    stats: dict[str, Any] | None = None
+    stats: CommitStats | None = None
 
     @property
     def name(self) -> str:
@@ -110,7 +111,7 @@ def _lay_out_shard(
     index: int,
     n_prompts: int,
     parts: dict[int, str],
-    all_stats: dict[str, dict[str, Any] | None],
+    all_stats: dict[str, CommitStats | None],
     damaged: dict[str, str],
     images_per_prompt: int,
     same_prompts: Callable[[Piece], bool] | None,
@@ -134,7 +135,7 @@ def _lay_out_shard(
                     "to a new output"
                 )
             break  # made again below, with the rest of the shard
-        n = int(stats.get("rows", -1)) // images_per_prompt
+        n = stats.rows // images_per_prompt
         piece = Piece(index, part, covered, n, "damaged" if name in damaged else "committed", stats)
         if (
             n <= 0
@@ -187,9 +188,7 @@ def plan_variant(
         index.size,
         found,
         images_per_prompt,
-        lambda piece: (
-            piece.stats is not None and piece.stats.get("content_hash") == hashes.of(piece)
-        ),
+        lambda piece: piece.stats is not None and piece.stats.content_hash == hashes.of(piece),
     )
     if problems:
         raise ResumeError(problems[0])
@@ -198,8 +197,8 @@ def plan_variant(
         plan.images += piece.count * images_per_prompt
         if piece.state == "committed":
             plan.committed += 1
-            if piece.stats and piece.stats.get("images_failed"):
-                plan.failed_images[piece.name] = int(piece.stats["images_failed"])
+            if piece.stats and piece.stats.images_failed:
+                plan.failed_images[piece.name] = piece.stats.images_failed
                 plan.failed.append(hashes.ref(piece))
         else:
             plan.pending.append(hashes.ref(piece))

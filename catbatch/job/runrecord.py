@@ -138,21 +138,13 @@ def committed_totals(
 ) -> dict[str, Any]:
     """Images and shard pieces over every committed piece of ``variants`` (one listing each;
     stats from the commit digest, ``received`` stats as actors wrote them, else their files),
-    and the digest brought up to date."""
-    from catbatch.job.commits import read_commits, write_digest
-    from catbatch.job.sharding import parse_piece
+    and the digest brought up to date (:func:`catbatch.job.commits.refresh`)."""
+    from catbatch.job.commits import refresh
 
-    totals = dict.fromkeys(("shards_committed", "images_ok", "images_failed", "images_invalid"), 0)
+    totals: dict[str, Any] = {}
     for variant in variants:
-        commits = read_commits(layout, variant, (received or {}).get(variant))
-        if commits.new:
-            write_digest(layout, variant, commits)
-        for name, stats in commits.stats.items():
-            if stats is None or parse_piece(name) is None:
-                continue  # a damaged stats file: the next submit moves it aside
-            totals["shards_committed"] += 1
-            for key in ("images_ok", "images_failed", "images_invalid"):
-                totals[key] += int(stats.get(key) or 0)
+        for key, value in refresh(layout, variant, (received or {}).get(variant)).items():
+            totals[key] = totals.get(key, 0) + value
     return totals
 
 

@@ -141,12 +141,12 @@ def output_status(url: str, verify: bool = False) -> OutputStatus:
             if f"{variant}/{piece.name}" in failed_tasks:
                 v.failed_shards[piece.name] = failed_tasks[f"{variant}/{piece.name}"]
         for name, s in found.stats.items():
-            v.images_ok += int(s.get("images_ok", 0))
-            v.images_failed += int(s.get("images_failed", 0))
-            v.images_invalid += int(s.get("images_invalid", 0))
-            if s.get("images_failed"):
+            v.images_ok += s.images_ok
+            v.images_failed += s.images_failed
+            v.images_invalid += s.images_invalid
+            if s.images_failed:
                 v.shards_with_failed_images.append(name)
-            if s.get("images_invalid"):
+            if s.images_invalid:
                 v.shards_with_invalid_images.append(name)
         variants[variant] = v
     return OutputStatus(

@@ -16,12 +16,11 @@ import hashlib
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catbatch.job.commits import Commits, read_commits
+from catbatch.job.commits import Commits, CommitStats, read_commits
 from catbatch.job.layout import FileEntry, OutputLayout
 
 DAMAGED_DIR = "damaged"
@@ -31,9 +30,9 @@ DAMAGED_DIR = "damaged"
 class Pieces:
     """A variant's committed pieces as found on storage."""
 
-    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # intact: name -> stats
+    stats: dict[str, CommitStats] = field(default_factory=dict)  # intact: name -> stats
     damaged: dict[str, str] = field(default_factory=dict)  # name -> what is wrong
-    damaged_stats: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # None: unread
+    damaged_stats: dict[str, CommitStats | None] = field(default_factory=dict)  # None: unread
     commits: Commits = field(default_factory=Commits)  # the listing and stats they come from
 
 
@@ -59,7 +58,7 @@ def _file_problem(
     layout: OutputLayout,
     variant: str,
     name: str,
-    stats: dict[str, Any],
+    stats: CommitStats,
     files: dict[str, FileEntry],
     deep: bool,
 ) -> str | None:
@@ -67,21 +66,21 @@ def _file_problem(
     if entry is None:
         return "its Parquet file is missing"
     size = entry.size
-    if size != int(stats["parquet_bytes"]):
-        return f"its Parquet file has {size} bytes, its stats say {stats['parquet_bytes']}"
+    if size != stats.parquet_bytes:
+        return f"its Parquet file has {size} bytes, its stats say {stats.parquet_bytes}"
     if not deep:
         return None
     data = layout.read_bytes(layout.shard_parquet(variant, name))
     if data is None:
         return "its Parquet file is missing"
-    if hashlib.sha256(data).hexdigest() != stats["parquet_sha256"]:
+    if hashlib.sha256(data).hexdigest() != stats.parquet_sha256:
         return "its Parquet file's sha256 differs from its stats"
     try:
         rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
     except (pa.ArrowException, OSError) as e:
         return f"its Parquet footer is unreadable ({e})"
-    if rows != int(stats["rows"]):
-        return f"its Parquet file holds {rows} rows, its stats say {stats['rows']}"
+    if rows != stats.rows:
+        return f"its Parquet file holds {rows} rows, its stats say {stats.rows}"
     return None
 
 
