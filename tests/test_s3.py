@@ -298,7 +298,8 @@ def test_prompt_source_on_s3_is_indexed_and_read_by_byte_ranges(tmp_path, s3_ser
     sent: list[str] = []
     layout.fs.connect()
     layout.fs.s3.meta.events.register(
-        "before-send.s3", lambda request, **_: sent.append(request.headers.get("Range") or "")
+        "before-send.s3",
+        lambda request, **_: sent.append(bytes(request.headers.get("Range") or b"").decode()),
     )
     shards = [index.read(i) for i in range(index.n_shards)]
     assert [p for s in shards for p in s] == read_prompts(source)

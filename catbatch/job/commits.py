@@ -183,39 +183,42 @@ class _Columns:
     """The digest's arrays, filled one piece at a time (a few dozen bytes a piece)."""
 
     def __init__(self) -> None:
-        self.names: list[bytes] = []
-        self.versions: list[bytes] = []
+        self.names: list[str] = []
+        self.versions: list[str] = []
         self.ints = {k: array("q") for k in ("size", *_COUNTS)}
         self.hashes = {k: bytearray() for k in _HASHES}
 
-    def add(self, name: str, entry: FileEntry, stats: CommitStats) -> None:
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def add(self, name: str, size: int, version: str | None, stats: CommitStats) -> None:
         try:
             hashes = {k: bytes.fromhex(getattr(stats, k)) for k in _HASHES}
         except ValueError:
             return  # not a hash: read again next time
-        if entry.version is None or any(len(h) != 32 for h in hashes.values()):
+        if version is None or any(len(h) != 32 for h in hashes.values()):
             return
-        self.names.append(name.encode())
-        self.versions.append(entry.version.encode())
-        self.ints["size"].append(entry.size)
+        self.names.append(name)
+        self.versions.append(version)
+        self.ints["size"].append(size)
         for k in _COUNTS:
             self.ints[k].append(getattr(stats, k))
         for k, h in hashes.items():
             self.hashes[k] += h
 
     def write(self, layout: OutputLayout, variant: str) -> None:
+        names = np.array([n.encode() for n in self.names], dtype=bytes)
+        order = np.argsort(names, kind="stable")  # Digest.rows searches by name
         arrays = {
-            "name": np.array(self.names, dtype=bytes),
-            "version": np.array(self.versions, dtype=bytes),
-            **{k: np.frombuffer(v, dtype=np.int64) for k, v in self.ints.items()},
+            "name": names[order],
+            "version": np.array([self.versions[i].encode() for i in order.tolist()], dtype=bytes),
+            **{k: np.frombuffer(v, dtype=np.int64)[order] for k, v in self.ints.items()},
             # uint8 rows, not bytes ("S32" would drop a hash's trailing zero bytes)
             **{
-                k: np.frombuffer(bytes(v), dtype=np.uint8).reshape(-1, 32)
+                k: np.frombuffer(bytes(v), dtype=np.uint8).reshape(-1, 32)[order]
                 for k, v in self.hashes.items()
             },
         }
-        order = np.argsort(arrays["name"], kind="stable")  # Digest.rows searches by name
-        arrays = {k: v[order] for k, v in arrays.items()}
         buf = io.BytesIO()  # numpy, not Parquet: pyarrow's array constructors import pandas
         np.savez_compressed(buf, **arrays)
         layout.write_bytes(digest_path(layout, variant), buf.getvalue())
@@ -226,7 +229,8 @@ def write_digest(layout: OutputLayout, variant: str, commits: Commits) -> None:
     columns = _Columns()
     for name, stats in sorted(commits.stats.items()):
         if stats is not None:
-            columns.add(name, commits.files[name + STATS_SUFFIX], stats)
+            entry = commits.files[name + STATS_SUFFIX]
+            columns.add(name, entry.size, entry.version, stats)
     columns.write(layout, variant)
 
 
@@ -234,45 +238,52 @@ def refresh(
     layout: OutputLayout, variant: str, received: dict[str, Written] | None = None
 ) -> dict[str, int]:
     """Bring the digest up to date after a submission (one listing; ``received`` entries are
-    used up as they go into it) and total the committed pieces' counts. Holds no stats object
-    per piece: what the digest or ``received`` lacks is read in batches."""
+    used up as they go into it) and total the committed pieces' counts. Holds no object per
+    piece but its name and version: what the digest or ``received`` lacks is read in
+    batches."""
     from catbatch.job.sharding import parse_piece
 
     files = layout.list_files("variants", variant, suffix=STATS_SUFFIX)
-    digest = load_digest(layout, variant) if files else Digest()
+    names = [file.removesuffix(STATS_SUFFIX) for file in files]
+    sizes = array("q", (e.size for e in files.values()))
+    versions = [e.version for e in files.values()]
+    md5s = [e.md5 for e in files.values()]
+    del files
+    digest = load_digest(layout, variant) if names else Digest()
+    stored = len(digest)
     received = received if received is not None else {}
     columns = _Columns()
     totals = dict.fromkeys(("shards_committed", "images_ok", "images_failed", "images_invalid"), 0)
-    names = [file.removesuffix(STATS_SUFFIX) for file in files]
-    unknown: list[str] = []
+    unknown: list[int] = []
     new = 0  # stats that are not in the digest yet
 
-    def count(name: str, stats: CommitStats | None) -> None:
-        if stats is None or parse_piece(name) is None:
+    def count(i: int, stats: CommitStats | None) -> None:
+        if stats is None or parse_piece(names[i]) is None:
             return  # a damaged stats file: the next submit moves it aside
-        columns.add(name, files[name + STATS_SUFFIX], stats)
+        columns.add(names[i], sizes[i], versions[i], stats)
         totals["shards_committed"] += 1
         for key in ("images_ok", "images_failed", "images_invalid"):
             totals[key] += getattr(stats, key)
 
-    for name, row in zip(names, digest.rows(names), strict=True):
-        entry = files[name + STATS_SUFFIX]
+    for i, row in enumerate(digest.rows(names)):
+        entry = FileEntry(sizes[i], versions[i], md5s[i])
         stats = digest.stats(row, entry)
-        written = received.pop(name, None)
+        written = received.pop(names[i], None)
         if stats is None and written is not None and written.matches(entry):
             stats, new = written.stats(), new + 1
         if stats is None:
-            unknown.append(name)
+            unknown.append(i)
         else:
-            count(name, stats)
+            count(i, stats)
+    del digest
     for start in range(0, len(unknown), 1000):
         batch = unknown[start : start + 1000]
-        blobs = layout.read_bytes_many([layout.shard_stats(variant, n) for n in batch])
-        for name in batch:
-            before = len(columns.names)
-            count(name, parse_stats(blobs.get(layout.shard_stats(variant, name))))
-            new += len(columns.names) - before
-    if new or len(digest) != len(columns.names):
+        blobs = layout.read_bytes_many([layout.shard_stats(variant, names[i]) for i in batch])
+        for i in batch:
+            before = len(columns)
+            count(i, parse_stats(blobs.get(layout.shard_stats(variant, names[i]))))
+            new += len(columns) - before
+    if new or stored != len(columns):
         columns.write(layout, variant)
     return totals
 

@@ -396,7 +396,8 @@ def submit(
     lease: Lease | None = None,
     stop: StopSignals | None = None,
 ) -> Summary:
-    """Run the pending tasks (then the retries) on Ray and write the run record.
+    """Run the pending tasks (then the retries) on Ray and write the run record; afterwards
+    ``p.pending`` holds the tasks this run did not commit.
 
     With a ``lease``, a lease lost to another submission stops the run (no new shards). With
     ``stop`` (installed by the caller, see :func:`stop_signals`) a signal before the pool runs
@@ -484,10 +485,13 @@ def submit(
             summary.failed_tasks = result.failed
             summary.stopped = result.stopped
             summary.stop_signal = stop.signum or signal.SIGTERM
-            summary.unfinished_tasks = len(p.pending) - len(result.done)
+            done = set(result.done)
+            p.pending = [t for t in p.pending if t.key not in done]  # what is left to make
+            summary.unfinished_tasks = len(p.pending)
             worker_info = result.worker_info
             if any(SOURCE_CHANGED in error for error in result.failed.values()):
                 forget_index(layout, p.index.key)  # the next submit reads the source again
+            del done, result
         if p.retry and not summary.stopped and not (lease is not None and lease.lost.is_set()):
             retried, retry_failed = resume.run_retries(
                 m, p.model_source, p.retry, num_cpus, generation

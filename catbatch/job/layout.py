@@ -284,6 +284,7 @@ class OutputLayout:
                 entries = self.fs.ls(folder, detail=True)
             except FileNotFoundError:
                 return {}
+            self.fs.invalidate_cache(folder)  # fsspec keeps listings: not 300k entries
             names = (e["name"].rstrip("/").rsplit("/", 1)[1] for e in entries)
             return {
                 name: _remote_entry(e)
@@ -346,21 +347,21 @@ def json_bytes(obj: Any) -> bytes:
 
 
 def _list_local(folder: str, suffix: str = "") -> dict[str, FileEntry]:
+    out = {}
     try:
-        entries = list(os.scandir(folder))
+        with os.scandir(folder) as entries:  # one at a time: a folder may hold 300k files
+            for entry in entries:
+                if not entry.name.endswith(suffix):
+                    continue
+                try:
+                    if not entry.is_file():
+                        continue
+                    st = entry.stat()
+                except FileNotFoundError:  # removed while we looked
+                    continue
+                out[entry.name] = FileEntry(st.st_size, f"{st.st_mtime_ns}:{st.st_ino}")
     except FileNotFoundError:
         return {}
-    out = {}
-    for entry in entries:
-        if not entry.name.endswith(suffix):
-            continue
-        try:
-            if not entry.is_file():
-                continue
-            st = entry.stat()
-        except FileNotFoundError:  # removed while we looked
-            continue
-        out[entry.name] = FileEntry(st.st_size, f"{st.st_mtime_ns}:{st.st_ino}")
     return out
 
 
