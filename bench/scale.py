@@ -34,6 +34,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,7 +55,7 @@ def install_noop_worker() -> None:
     from catbatch.job import worker
 
     worker.Worker.__init__ = _noop_init
-    worker.Worker.run_task = _noop_run_task
+    worker.Worker.start_task = _noop_start_task
     worker.Worker.metrics_info = lambda self: {"noop": True}
 
 
@@ -67,12 +68,16 @@ def _noop_init(self: Any, manifest: Any, source: dict | None = None) -> None:
     self.variants = manifest.resolved_variants()
     self.faults, self.batch_started, self.batch_splits = None, None, []
     self.owner_alive, self.lease_generation = (lambda: True), None
-    self.placement, self.events = {}, []
+    self.placement, self.events, self._lock = {}, [], threading.Lock()
 
 
-def _noop_run_task(self: Any, task: Any, layout: Any) -> Any:
+def _noop_start_task(self: Any, task: Any, layout: Any) -> Any:
+    """The task made and committed at once: its :class:`PendingShard` is already done."""
+    from concurrent.futures import Future
+
     from catbatch.job.seeds import image_seed
     from catbatch.job.shardindex import read_piece
+    from catbatch.job.worker import PendingShard
     from catbatch.job.writer import Row, write_shard
 
     start, started_at = time.perf_counter(), time.time()
@@ -113,7 +118,9 @@ def _noop_run_task(self: Any, task: Any, layout: Any) -> Any:
         before_commit=lambda: self.check_commit(task, layout),
     )
     self.event("task_commit", task=task.key)
-    return stats
+    done: Future = Future()
+    done.set_result(stats)
+    return PendingShard(task, done)
 
 
 # -- one submission, in its own process ---------------------------------------------------------

@@ -17,7 +17,17 @@ window runs from the ``actors``-th commit (every actor has finished its first sh
 its warm-up batch) to the last commit, and each shard counts the share of its images that falls
 inside the window. For the plain loop: the images after one warm-up batch over their time.
 
+From the pipeline calls' own clocks (the ``batch`` events' ``call_start``, ``call_s`` and
+``size`` in the run's ``logs/``; the plain loop times its calls the same way), over each actor's
+window from the end of its first call (the warm-up batch) to the end of its last: the share of
+the time with no pipeline call running, per actor (:func:`idle_share`), and steady images/s
+(:func:`calls_rate`, summed over the actors). The commit-based figure above assumes a shard's
+images spread over ``[started_at, written_at]``; once a shard is written while the next one's
+calls run, consecutive intervals overlap and commits can bunch, so on short runs it strays; the
+call-based rate does not depend on when shards are written.
+
     python -m bench.throughput                       # tiny-sd3, 256 px, 28 steps, 48 prompts
+    python -m bench.throughput --demo                # manifests/demo.yaml (both variants, metrics)
     python -m bench.throughput --quick               # smoke test: 64 px, 2 steps, 8 prompts
 """
 
@@ -38,8 +48,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS_FILE = ROOT / "manifests" / "prompts" / "demo.txt"
+DEMO_MANIFEST = ROOT / "manifests" / "demo.yaml"
 OVERHEAD_TARGET_PCT = 5.0
 SPEEDUP_TARGET = 1.7
+IDLE_TARGET_PCT = 3.0  # share of an actor's steady time with no pipeline call running (issue 21)
 
 
 # -- pure helpers (tested in tests/test_throughput_bench.py) -----------------------------------
@@ -147,6 +159,50 @@ def same_run_line(catbatch_outside: float, plain_outside: float) -> str:
     )
 
 
+def idle_share(calls: Sequence[tuple[float, float]]) -> float:
+    """Share of one actor's (or the plain loop's) steady wall time with no pipeline call
+    running. ``calls`` are ``(wall-clock start, seconds)``; the window runs from the end of the
+    first call (the warm-up batch) to the end of the last; NaN with fewer than two calls."""
+    calls = sorted(calls)
+    if len(calls) < 2:
+        return float("nan")
+    w0 = calls[0][0] + calls[0][1]
+    w1 = max(start + s for start, s in calls)
+    if w1 <= w0:
+        return float("nan")
+    busy = sum(max(0.0, min(start + s, w1) - max(start, w0)) for start, s in calls[1:])
+    return max(0.0, 1.0 - busy / (w1 - w0))
+
+
+def calls_rate(calls: Sequence[tuple[float, float, int]]) -> float:
+    """Steady images/s of one actor (or the plain loop) from its pipeline calls ``(start,
+    seconds, images)``: the images of the calls after the first (the warm-up batch) over the
+    time from the end of the first call to the end of the last; NaN with fewer than two."""
+    calls = sorted(calls)
+    if len(calls) < 2:
+        return float("nan")
+    w0 = calls[0][0] + calls[0][1]
+    w1 = max(start + s for start, s, _ in calls)
+    return sum(n for _, _, n in calls[1:]) / (w1 - w0) if w1 > w0 else float("nan")
+
+
+def actor_calls(events: Sequence[dict[str, Any]]) -> list[tuple[float, float, int]]:
+    """``(start, seconds, images)`` of the pipeline calls in one actor's events (``batch``
+    events that carry ``call_start`` / ``call_s``)."""
+    return [
+        (float(e["call_start"]), float(e["call_s"]), int(e["size"]))
+        for e in events
+        if e.get("event") == "batch" and "call_start" in e
+    ]
+
+
+def fmt_actors(per_repeat: Sequence[Sequence[float]]) -> str:
+    """Per repeat, the actors' values in percent joined by ``/``; repeats by ``;``."""
+    if not per_repeat:
+        return "-"
+    return "; ".join(" / ".join(f"{100 * v:.1f}" for v in vals) for vals in per_repeat)
+
+
 def load_note(loads: Sequence[float], cores: int) -> str | None:
     """A warning when the 1-minute load average exceeded the core count during the runs."""
     worst = max(loads, default=0.0)
@@ -202,6 +258,8 @@ class RunResult:
     first_commit_s: float = float("nan")
     pipe_s_per_image: float = float("nan")  # pipeline call, warm-up batch left out
     outside: float = float("nan")  # outside_share of the steady state
+    idle: list[float] = field(default_factory=list)  # idle_share per actor (plain: one)
+    calls_ips: float = float("nan")  # calls_rate, summed over the actors
     driver_s: float | None = None  # catbatch: Summary.seconds (submit() start to end)
     load_before: float = 0.0
     load_after: float = 0.0
@@ -265,6 +323,9 @@ def run_catbatch(work: Path, variant: str, actors: int, repeat: int, num_cpus: i
     res.first_commit_s = first_commit_s(stats, launched)
     res.pipe_s_per_image = _pipeline_s_per_image(out)
     res.outside = outside_share(res.pipe_s_per_image, res.steady_ips, actors)
+    calls = [actor_calls(ev) for ev in _actor_events(out)]
+    res.idle = [idle_share([(start, sec) for start, sec, _ in c]) for c in calls]
+    res.calls_ips = sum(calls_rate(c) for c in calls) if calls else float("nan")
     record = json.loads((out / "run.json").read_text())
     res.driver_s = record["submissions"][-1]["summary"].get("seconds")
     info = record.get("pipeline", {}).get("metrics", {})
@@ -273,6 +334,12 @@ def run_catbatch(work: Path, variant: str, actors: int, repeat: int, num_cpus: i
         "clip": info.get("clip", {}).get("available"),
     }
     return res
+
+
+def _actor_events(out: Path) -> list[list[dict[str, Any]]]:
+    """Each actor's events from the run's log folder (``logs/<run id>/actor-N.jsonl``)."""
+    files = sorted(out.glob("logs/*/actor-*.jsonl"), key=lambda p: int(p.stem.split("-")[1]))
+    return [[json.loads(ln) for ln in f.read_text().splitlines() if ln.strip()] for f in files]
 
 
 def _pipeline_s_per_image(out: Path) -> float:
@@ -304,13 +371,17 @@ def run_plain(work: Path, repeat: int, shard_size: int) -> RunResult:
     res.steady_ips = plain_steady_rate(batches)
     res.pipe_s_per_image = sum(child["pipe_s"][1:]) / sum(b.images for b in batches[1:])
     res.outside = outside_share(res.pipe_s_per_image, res.steady_ips)
+    calls = [(b.start, s, b.images) for b, s in zip(batches, child["pipe_s"], strict=True)]
+    res.idle = [idle_share([(start, sec) for start, sec, _ in calls])]
+    res.calls_ips = calls_rate(calls)
     res.first_commit_s = first_n_images_s(batches, shard_size, launched)
     res.metrics = {"macs": False, "clip": False}
     return res
 
 
 def plain_child(manifest_path: str, result_path: str) -> int:
-    """The plain loop: the worker's pipeline call, batch after batch, PNG-encoded, one thread."""
+    """The plain loop: the worker's pipeline call, batch after batch (each variant in turn, its
+    pruning applied once), PNG-encoded, one thread."""
     import numpy as np
     import torch
 
@@ -319,6 +390,7 @@ def plain_child(manifest_path: str, result_path: str) -> int:
     from catbatch.job.seeds import image_generator, image_seed
     from catbatch.job.worker import encode_png
     from catbatch.models.loader import describe_source, load_pipeline, pipeline_call_kwargs
+    from catbatch.pruning import CATConfig, apply_cat, remove_cat
 
     torch.set_num_threads(1)
     m = load_manifest(manifest_path)
@@ -327,24 +399,32 @@ def plain_child(manifest_path: str, result_path: str) -> int:
     extra = pipeline_call_kwargs(pipe)
     prompts = read_prompts(m.prompts, m.base_dir)
     batches, pipe_s = [], []
-    for b in range(0, len(prompts), m.batch_size):
-        batch = prompts[b : b + m.batch_size]
-        start = time.time()
-        out = pipe(
-            prompt=[p.prompt for p in batch],
-            negative_prompt=[m.negative_prompt] * len(batch),
-            num_inference_steps=m.steps,
-            guidance_scale=m.guidance_scale,
-            height=m.height,
-            width=m.width,
-            generator=[image_generator(image_seed(m.seed, p.sample_id, 0)) for p in batch],
-            output_type="np",
-            **extra,
-        )
-        pipe_s.append(time.time() - start)
-        for img in np.asarray(out.images):
-            encode_png((np.clip(img, 0.0, 1.0) * 255).round().astype("uint8"))
-        batches.append((start, time.time(), len(batch)))
+    for settings in m.resolved_variants().values():
+        if settings.pruning is not None:
+            apply_cat(pipe, CATConfig.from_dict(settings.pruning))
+        kwargs = dict(extra)
+        if settings.max_sequence_length is not None:
+            kwargs["max_sequence_length"] = settings.max_sequence_length
+        for b in range(0, len(prompts), m.batch_size):
+            batch = prompts[b : b + m.batch_size]
+            start = time.time()
+            out = pipe(
+                prompt=[p.prompt for p in batch],
+                negative_prompt=[settings.negative_prompt] * len(batch),
+                num_inference_steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                height=settings.height,
+                width=settings.width,
+                generator=[image_generator(image_seed(m.seed, p.sample_id, 0)) for p in batch],
+                output_type="np",
+                **kwargs,
+            )
+            pipe_s.append(time.time() - start)
+            for img in np.asarray(out.images):
+                encode_png((np.clip(img, 0.0, 1.0) * 255).round().astype("uint8"))
+            batches.append((start, time.time(), len(batch)))
+        if settings.pruning is not None:
+            remove_cat(pipe)
     Path(result_path).write_text(json.dumps({"batches": batches, "pipe_s": pipe_s}))
     return 0
 
@@ -358,13 +438,15 @@ def report(results: list[RunResult], variants: list[str]) -> str:
     lines = [
         "| variant | row metrics (MACs / CLIP) | images | steady images/s, median (min-max) "
         "| end-to-end s | end-to-end images/s | launch to first committed shard s "
-        "| pipeline s per image | outside the pipeline % | load avg (1 min) at start |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| pipeline s per image | outside the pipeline % "
+        "| steady images/s from the pipeline calls | no pipeline call %, per actor (steady) "
+        "| load avg (1 min) at start |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for v in variants:
         runs = [r for r in results if r.variant == v and r.error is None]
         if not runs:
-            lines.append(f"| {v} | - | - | failed | - | - | - | - | - | - |")
+            lines.append(f"| {v} | - | - | failed | - | - | - | - | - | - | - | - |")
             continue
         m = runs[0].metrics
         met = " / ".join("on" if m.get(k) else "off" for k in ("macs", "clip"))
@@ -375,6 +457,8 @@ def report(results: list[RunResult], variants: list[str]) -> str:
             f"| {fmt_spread(_col(results, v, 'first_commit_s'), 1)} "
             f"| {fmt_spread(_col(results, v, 'pipe_s_per_image'), 3)} "
             f"| {fmt_spread([100 * x for x in _col(results, v, 'outside')], 1)} "
+            f"| {fmt_spread(_col(results, v, 'calls_ips'))} "
+            f"| {fmt_actors([r.idle for r in runs])} "
             f"| {fmt_spread(_col(results, v, 'load_before'))} |"
         )
     lines.append("")
@@ -415,6 +499,23 @@ def summary_lines(results: list[RunResult], variants: list[str]) -> list[str]:
                 f"2 actors / 1 actor, steady images/s: {fmt_spread(steady, 2, 'x')} per repeat "
                 f"(target >= {SPEEDUP_TARGET:g}x: {verdict(med >= SPEEDUP_TARGET)}); end-to-end "
                 f"images/s ratio {fmt_spread(wall, 2, 'x')}"
+            )
+    one = "catbatch-1+metrics" if "catbatch-1+metrics" in variants else "catbatch-1"
+    idle = [x for r in results if r.variant == one and r.error is None for x in r.idle]
+    if idle:
+        med = median_spread(idle)[0]
+        out.append(
+            f"{one}, share of steady time with no pipeline call: {fmt_spread(idle, 3)} "
+            f"-> {100 * med:.1f} % (target <= {IDLE_TARGET_PCT:g} %: "
+            f"{verdict(100 * med <= IDLE_TARGET_PCT)})"
+        )
+    if {one, "plain"} <= set(variants):
+        steady = _paired(results, one, "plain", "calls_ips")
+        if steady:
+            med = median_spread(steady)[0]
+            out.append(
+                f"{one} / plain, steady images/s from the pipeline calls: "
+                f"{fmt_spread(steady, 3)} per repeat (target >= 1: {verdict(med >= 1.0)})"
             )
     if {"catbatch-1", "catbatch-1+metrics"} <= set(variants):
         steady = _paired(results, "catbatch-1+metrics", "catbatch-1", "steady_ips")
@@ -459,6 +560,23 @@ def write_job(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
+def write_demo_job(work: Path, quick: bool = False) -> dict[str, Any]:
+    """``manifests/demo.yaml`` as it is (catbatch-shapes, both variants, MACs, CLIP and
+    adherence), on the CPU with one thread per actor, writing into ``work``; ``quick``: a
+    smoke test (4 prompts, 2 steps, batches and shards of 2)."""
+    import yaml
+
+    m = yaml.safe_load(DEMO_MANIFEST.read_text())
+    if quick:
+        m["prompts"]["limit"], m["steps"], m["batch_size"], m["shard_size"] = 4, 2, 2, 2
+    m["prompts"]["path"] = str((DEMO_MANIFEST.parent / m["prompts"]["path"]).resolve())
+    m["model"]["device"] = "cpu"
+    m["ray"] = {"address": "local", "actors": 1, "resources": {"cpus": 1, "gpus": 0}}
+    m["output"] = str(work / "out")
+    (work / "manifest.yaml").write_text(json.dumps(m, indent=2))
+    return m
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny-sd3")
@@ -469,8 +587,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--shard-size", type=int, default=8)
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs of the private Ray cluster")
-    parser.add_argument("--with-metrics", action="store_true", help="also 1 actor, MACs+CLIP on")
-    parser.add_argument("--quick", action="store_true", help="smoke: 64 px, 2 steps, 8 prompts")
+    parser.add_argument(
+        "--with-metrics", action="store_true", help="also 1 and 2 actors with MACs+CLIP on"
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="manifests/demo.yaml's configuration instead (its model, prompts, variants, metrics)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke: 64 px, 2 steps, 8 prompts (--demo: 4)"
+    )
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     parser.add_argument("--plain-child", help=argparse.SUPPRESS)
@@ -485,17 +612,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     import catbatch
     from catbatch.models.loader import describe_source
 
-    describe_source(args.model)  # builds a preset once, before anything is timed
     variants = ["plain", "catbatch-1", "catbatch-2"]
-    if args.with_metrics:
-        variants.append("catbatch-1+metrics")
+    if args.with_metrics and not args.demo:
+        variants += ["catbatch-1+metrics", "catbatch-2+metrics"]
     work = Path(tempfile.mkdtemp(prefix="catbatch-throughput-"))
-    cfg = write_job(work, args)
+    if args.demo:
+        cfg = write_demo_job(work, args.quick)
+        args.model, args.shard_size = cfg["model"]["id"], cfg["shard_size"]
+        what = (
+            f"{DEMO_MANIFEST.relative_to(ROOT)}: {args.model}, {cfg['width']}x{cfg['height']}, "
+            f"{cfg['steps']} steps, {cfg['prompts'].get('limit')} prompts x variants "
+            f"{', '.join(v['name'] for v in cfg['variants'])}, batch {cfg['batch_size']}, shard "
+            f"{cfg['shard_size']}, metrics {json.dumps(cfg.get('metrics'))}"
+        )
+    else:
+        cfg = write_job(work, args)
+        what = (
+            f"{args.model}, {args.size}x{args.size}, {args.steps} steps, {args.prompts} prompts, "
+            f"batch {args.batch_size}, shard {args.shard_size}"
+        )
+    describe_source(args.model)  # builds a preset once, before anything is timed
     print(
-        f"{args.model}, {args.size}x{args.size}, {args.steps} steps, {args.prompts} prompts, "
-        f"batch {args.batch_size}, shard {args.shard_size}, fp32 CPU, 1 thread per actor / in "
-        f"the plain loop; Ray cluster of {args.num_cpus} CPUs; plain loop PNG-encodes its "
-        f"images (no Parquet); {os.cpu_count()} cores; catbatch {catbatch.__version__} from "
+        f"{what}, fp32 CPU, 1 thread per actor / in the plain loop; Ray cluster of "
+        f"{args.num_cpus} CPUs; plain loop PNG-encodes its images (no Parquet, no row metrics); "
+        f"{os.cpu_count()} cores; catbatch {catbatch.__version__} from "
         f"{Path(catbatch.__file__).parent}; work dir {work}",
         flush=True,
     )
@@ -506,12 +646,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if v == "plain":
                 r = run_plain(work, rep, args.shard_size)
             else:
-                actors = 2 if v == "catbatch-2" else 1
+                actors = 2 if v.startswith("catbatch-2") else 1
                 r = run_catbatch(work, v, actors, rep, args.num_cpus)
             results.append(r)
             print(
                 f"repeat {rep} {v}: steady {r.steady_ips:.3f} images/s, wall {r.wall_s:.1f} s, "
-                f"first {r.first_commit_s:.1f} s, load {r.load_before:.2f}->{r.load_after:.2f}"
+                f"first {r.first_commit_s:.1f} s, no pipeline call {fmt_actors([r.idle])} %, "
+                f"load {r.load_before:.2f}->{r.load_after:.2f}"
                 + (f" ERROR {r.error.splitlines()[0]}" if r.error else ""),
                 flush=True,
             )

@@ -36,7 +36,9 @@ def tiny_sd3_model(config: dict = TINY_SD3, seed: int = 0) -> SD3Transformer2DMo
     return SD3Transformer2DModel(**config).eval()
 
 
-def analytic_sd3_macs(cfg: dict, rows: int, n: int, k: int, text: int) -> dict[str, int]:
+def analytic_sd3_macs(
+    cfg: dict, rows: int, n: int, k: int, text: int, stream: str = "full"
+) -> dict[str, int]:
     """MACs of one step of SD3Transformer2DModel computing k of n image tokens per row.
 
     Per block: AdaLN-Zero modulation (6d^2 image, 6d^2 text; the last block's text norm is a
@@ -44,7 +46,8 @@ def analytic_sd3_macs(cfg: dict, rows: int, n: int, k: int, text: int) -> dict[s
     q/k/v (3d^2 per text token) and, except in the last block, text out + FF (9d^2); attention
     has k + text queries over n + text keys (cached image keys included). Outside the blocks:
     timestep MLP (256d + d^2), pooled MLP (pd + d^2), context embedder, output AdaLN (2d^2),
-    proj_out on computed tokens and the patch-embedding conv on all tokens.
+    proj_out (on the computed tokens, and in the full-length stream of a pruned step once more
+    on all tokens for the scores) and the patch-embedding conv on all tokens.
     """
     d = cfg["num_attention_heads"] * cfg["attention_head_dim"]
     p, layers = cfg["patch_size"], cfg["num_layers"]
@@ -57,7 +60,9 @@ def analytic_sd3_macs(cfg: dict, rows: int, n: int, k: int, text: int) -> dict[s
         per_row += 4 * k * d * d + 8 * k * d * d  # image q, k, v, out; feed-forward (4x)
         per_row += 3 * text * d * d + (0 if last else text * d * d + 8 * text * d * d)
         attention += 2 * (k + text) * (n + text) * d  # QK^T and PV over all heads
-    per_row += 2 * d * d + k * d * p * p * cfg["out_channels"]  # norm_out, proj_out
+    out_tokens = n + k if stream == "full" and k < n else k  # all tokens (scores) + computed
+    per_row += 2 * d * d * (2 if out_tokens > n else 1)  # norm_out modulation, once per head
+    per_row += out_tokens * d * p * p * cfg["out_channels"]  # proj_out
     conv = n * cfg["in_channels"] * p * p * d
     return {
         "linear": rows * per_row,

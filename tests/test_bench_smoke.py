@@ -68,3 +68,18 @@ def test_scale_benchmark_smoke_plans_dispatches_and_reuses_the_index(tmp_path, c
     assert (first["tasks"], first["images"], first["exit_code"]) == (47, 3000, 0)
     assert not first["index_reused"] and again["index_reused"] and again["tasks"] == 0
     assert first["first_task_s"] > 0 and row["status_s"] > 0
+
+
+def test_gpu_check_dry_run_writes_each_section(tmp_path, monkeypatch):
+    """The GPU check's one shot on a GPU: its plumbing runs on the CPU (nothing captured) and a
+    section that fails is recorded while the others still run."""
+    from bench import gpu_check
+
+    out = tmp_path / "gpu.json"
+    monkeypatch.setattr(gpu_check, "macs", lambda *a: 1 / 0)
+    assert gpu_check.main(["--dry-run", "--skip", "speed", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["header"]["device"] == "CPU (dry run)"
+    alpha_one = [v for k, v in data["correctness"].items() if "alpha=1" in k and "tiny" in k]
+    assert len(alpha_one) == 4 and all(v["ok"] for v in alpha_one)
+    assert data["macs"] == {"error": "ZeroDivisionError: division by zero"}

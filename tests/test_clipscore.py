@@ -123,3 +123,14 @@ def test_weights_found_in_a_hub_cache(tmp_path):
     found = cached_hub_weights("ViT-L-14", "openai", str(tmp_path))
     assert Path(found).name == "open_clip_model.safetensors"
     assert cached_hub_weights("ViT-L-14", None, str(tmp_path)) is None
+
+
+def test_tensor_path_scores_as_the_pil_path(scorer):
+    """The worker's path: 8-bit images as a (B, 3, H, W) tensor, preprocessed as one batch on
+    the model's device (antialiased tensor resize and centre crop of a non-square image)."""
+    pixels = (random_images(4, seed=1) * 255).round().astype("uint8")
+    prompts = ["a red fox", "a blue boat", "a green tree", "a cat on a mat"]
+    expected = scorer.score(pixels, prompts)
+    got = scorer.score_tensor(torch.from_numpy(pixels).permute(0, 3, 1, 2), prompts)
+    assert got == pytest.approx(expected, abs=0.2)  # 0.03 seen; unnormalized: ~10
+    assert len(set(got)) == 4 and scorer.score_tensor(torch.zeros(0, 3, 8, 8), []) == []

@@ -112,6 +112,12 @@ def committed(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "variants" / "default").glob("*.stats.json"))
 
 
+def driver_events(out: Path, kind: str) -> list[dict]:
+    """The driver's logged events of one kind (``logs/<run id>/driver.jsonl``)."""
+    lines = [ln for f in out.glob("logs/*/driver.jsonl") for ln in f.read_text().splitlines()]
+    return [e for e in map(json.loads, lines) if e["event"] == kind]
+
+
 def wait_for(predicate, timeout: float = 120.0, every: float = 0.05):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -263,6 +269,44 @@ def test_orphan_does_not_commit_once_a_new_driver_holds_the_lease(worker_and_pla
         new.release()
 
 
+def test_lease_lost_while_two_shards_are_written_commits_neither(worker_and_plan, monkeypatch):
+    """Two tasks made back to back under lease generation g, their rows still being made when
+    a new driver takes the lease: neither shard is committed (the fence runs per commit)."""
+    worker, p = worker_and_plan
+    worker.faults = None
+    layout = p.layout
+    folder = Path(layout.root) / "variants" / "default"
+    tasks = p.pending[:2]
+    for task in tasks:
+        for name in (f"{task.shard.name}.parquet", f"{task.shard.name}.stats.json"):
+            (folder / name).unlink(missing_ok=True)
+    release = threading.Event()
+    real = Worker._batch_rows
+
+    def held_rows(self, *args):
+        release.wait(timeout=60)
+        return real(self, *args)
+
+    monkeypatch.setattr(Worker, "_batch_rows", held_rows)
+    old = Lease(layout)
+    old.acquire()
+    worker.lease_generation = old.info.generation
+    try:
+        pending = [worker.start_task(task, layout) for task in tasks]  # both made, none written
+        old.release()
+        new = Lease(layout)
+        new.acquire()
+        release.set()
+        for shard in pending:
+            with pytest.raises(OrphanedTask, match="another submission owns the output"):
+                shard.result(timeout=120)
+        new.release()
+    finally:
+        release.set()
+        worker.lease_generation = None
+    assert not list(folder.glob("shard-0000[01].stats.json"))
+
+
 # -- actors and the pool -------------------------------------------------------------------
 
 
@@ -289,7 +333,11 @@ def test_actor_sigkilled_mid_shard_is_redone_elsewhere(
     assert killed, "no actor was running a shard"
     assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == "zombie"
     died = [r.message for r in caplog.records if "actor died" in r.message]
-    assert len(died) == 1 and "attempt 1 failed" in died[0]
+    assert len(died) == 1 and "shard default/shard-00000 attempt 1 failed" in died[0]
+    # it held its next shard too, which goes back to the queue without counting a try
+    requeued = driver_events(tmp_path / "out", "task_requeued")
+    assert [e["task"] for e in requeued] == ["default/shard-00001"]
+    assert "not started" in requeued[0]["why"]
     rows = check_exactly_once(tmp_path / "out")
     assert {r["status"] for r in rows} == {"ok"}
     assert len(committed(tmp_path / "out")) == 3
@@ -325,9 +373,51 @@ def test_hung_batch_times_out_and_the_shard_is_retried(
     assert marker.exists()
     timeouts = [r.message for r in caplog.records if "batch_timeout_s=5 s" in r.message]
     assert len(timeouts) == 1 and "shard-00000 attempt 1" in timeouts[0]
+    # the killed actor held the next shard as well: back to the queue, not counted
+    requeued = driver_events(tmp_path / "out", "task_requeued")
+    assert [e["task"] for e in requeued] == ["default/shard-00001"]
+    assert not [e for e in driver_events(tmp_path / "out", "task_retry") if "00001" in e["task"]]
     rows = check_exactly_once(tmp_path / "out")
     assert {r["status"] for r in rows} == {"ok"}
     assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_actor_killed_at_a_commit_loses_nothing(
+    tmp_path, ray_cluster, monkeypatch, caplog, capfd, when
+):
+    """The actor dies while it makes the next shard, as it commits one: between the shard's
+    Parquet and stats files (the shard is made again), or right after the stats file, before it
+    answers (the shard counts as done, read from its stats). Every image exactly once."""
+    marker = tmp_path / "crashed-once"
+    faults = {f"crash_{when}_commit_once": str(marker), "delay_s": 0.3}
+    monkeypatch.setenv(FAULTS_ENV, json.dumps(faults))
+    path = write_manifest(tmp_path, actors=1)
+    with caplog.at_level(logging.WARNING, logger="catbatch.job.distributor"):
+        code, output = submit(path, capfd)
+    assert code == 0, output
+    assert marker.exists()
+    out = tmp_path / "out"
+    retried = {e["task"] for e in driver_events(out, "task_retry")}
+    if when == "before":
+        died = [r.message for r in caplog.records if "actor died" in r.message]
+        assert "shard default/shard-00000 attempt 1 failed" in died[0]
+        assert "default/shard-00000" in retried
+    else:
+        assert "default/shard-00000" not in retried
+        commits = [
+            json.loads(line)
+            for f in out.glob("logs/*/actor-*.jsonl")
+            for line in f.read_text().splitlines()
+            if '"task_commit"' in line
+        ]
+        found = [e for e in commits if e["task"] == "default/shard-00000"]
+        assert len(found) == 1 and "read from its stats file" in found[0]["source"]
+    rows = check_exactly_once(out)  # a Parquet file the dead actor left was replaced
+    assert {r["status"] for r in rows} == {"ok"}
+    assert len(committed(out)) == 3
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
 
 def _sigterm_after_first_commit(out: Path) -> threading.Thread:
@@ -343,9 +433,11 @@ def _sigterm_after_first_commit(out: Path) -> threading.Thread:
 @pytest.mark.slow
 @pytest.mark.parametrize("grace", [30, 0])
 def test_sigterm_stops_handing_out_shards(tmp_path, ray_cluster, monkeypatch, capfd, grace):
-    """Running shards commit within the grace period (or are abandoned when it is 0)."""
+    """Running shards commit within the grace period (or are abandoned when it is 0); the
+    shard the actor holds next is not started (a batch takes 2 s: the stop reaches the actor
+    while it makes the shard after the first)."""
     out = tmp_path / "out"
-    monkeypatch.setenv(FAULTS_ENV, json.dumps({"delay_s": 1.0}))
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"delay_s": 2.0}))
     path = write_manifest(tmp_path, shard=1, actors=1, ray=f"stop_grace_s: {grace}")
     handler = signal.getsignal(signal.SIGTERM)
     sender = _sigterm_after_first_commit(out)
@@ -365,6 +457,10 @@ def test_sigterm_stops_handing_out_shards(tmp_path, ray_cluster, monkeypatch, ca
         assert len(done) <= 2 and len(parquet) <= len(done) + 1
     else:  # the running shard committed: no Parquet file without its commit marker
         assert len(parquet) == len(done)
+        # the actor held its next shard, which was not started once the stop came
+        requeued = driver_events(out, "task_requeued")
+        assert len(requeued) == 1 and "the run is stopping" in requeued[0]["why"]
+        assert f"{requeued[0]['task'].split('/')[1]}.stats.json" not in done
     assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
     assert stopped_after < 120
     if grace == 0:

@@ -15,6 +15,8 @@ from catbatch.pruning import (
     get_cat_state,
     remove_cat,
 )
+from catbatch.pruning.config import STREAMS
+from catbatch.pruning.engine import family_of
 from catbatch.pruning.selection import make_selector
 
 MODELS = ("tiny-sd3", "tiny-sd35", "tiny-pixart")
@@ -50,17 +52,18 @@ def max_diff(a, b):
     return (a - b).abs().max().item()
 
 
+@pytest.mark.parametrize("stream", STREAMS)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_alpha_one_and_forced_all_match_unpruned(pipe, batch):
+def test_alpha_one_and_forced_all_match_unpruned(pipe, batch, stream):
     prompts = PROMPTS[:batch]
     base = generate(pipe, prompts)
 
-    state = apply_cat(pipe, alpha=1.0)
+    state = apply_cat(pipe, alpha=1.0, stream=stream)
     out = generate(pipe, prompts)
     assert state.pruned_steps == STEPS - 8 and state.full_steps == 8
     assert max_diff(out, base) <= TOL
 
-    state = apply_cat(pipe, CATConfig(alpha=0.3))
+    state = apply_cat(pipe, CATConfig(alpha=0.3, stream=stream))
     state.force_indices = "all"
     forced = generate(pipe, prompts)
     assert state.pruned_steps == STEPS - 8
@@ -117,9 +120,10 @@ def test_without_guidance_the_batch_is_conditional_only(pipe):
     remove_cat(pipe)
 
 
-def test_non_square_resolution(pipe):
+@pytest.mark.parametrize("stream", STREAMS)
+def test_non_square_resolution(pipe, stream):
     base = generate(pipe, PROMPTS[:2], height=128, width=192)
-    state = apply_cat(pipe, alpha=1.0)
+    state = apply_cat(pipe, alpha=1.0, stream=stream)
     out = generate(pipe, PROMPTS[:2], height=128, width=192)
     assert state.pruned_steps == STEPS - 8
     assert max_diff(out, base) <= TOL
@@ -247,15 +251,16 @@ def transformer_inputs(model, rows, seed=0):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("stream", STREAMS)
 @pytest.mark.parametrize("forced", ["permutation", "cached"])
-def test_pruned_step_with_caches_reproduces_the_full_step(pipe, forced):
+def test_pruned_step_with_caches_reproduces_the_full_step(pipe, forced, stream):
     """Same input twice: a pruned step (K rows + cached K/V) gives the full step's output.
 
     ``permutation``: every token, in a different random order per sample (gather/scatter).
     ``cached``: 40% of the tokens, the others' keys/values come from the caches.
     """
     model, batch = pipe.transformer, 2
-    config = CATConfig(alpha=0.4, last_full_step=0)
+    config = CATConfig(alpha=0.4, last_full_step=0, stream=stream)
     state = apply_cat(model, config, cfg=True)
     state.auto_reset = False
     n = 64
@@ -270,3 +275,111 @@ def test_pruned_step_with_caches_reproduces_the_full_step(pipe, forced):
         outputs.append(model(**inputs, timestep=timestep, return_dict=False)[0])
     assert state.full_steps == 3 and state.pruned_steps == 1
     assert max_diff(outputs[3], outputs[2]) <= TOL
+
+
+def test_streams_compute_the_same_rows_and_score_the_raw_output(pipe):
+    """Same index sets: both streams give the same images. The selector sees, at a pruned step,
+    new raw outputs for the tokens not computed (full-length) or their reused ones (K-row)."""
+    seen = {}
+
+    def factory(stream):
+        def make(config, grid, batch, device):
+            inner = make_selector(config, grid, batch, device)
+            step = inner.step
+
+            def recording(out, computed, attn=None):
+                seen.setdefault(stream, []).append((out.clone(), computed.clone()))
+                return step(out, computed, attn)
+
+            inner.step = recording
+            return inner
+
+        return make
+
+    outputs = {}
+    for stream in STREAMS:
+        state = apply_cat(pipe, alpha=0.5, stream=stream, selector_factory=factory(stream))
+        outputs[stream] = generate(pipe, PROMPTS[:2])
+        assert state.pruned_steps == STEPS - 8
+        state.force_indices = seen[stream][0][1]  # the first pruned step's index set
+        outputs[stream, "forced"] = generate(pipe, PROMPTS[:2])
+    assert max_diff(outputs["full", "forced"], outputs["krow", "forced"]) <= TOL
+
+    for stream in STREAMS:  # scores at the second pruned step vs the first
+        (first, _), (second, computed) = seen[stream][:2]
+        skipped = torch.ones(first.shape[:2], dtype=torch.bool)
+        skipped.scatter_(1, computed, False)
+        changed = (second != first).any(-1)
+        if stream == "full":  # every token has a fresh raw output
+            assert changed[skipped].all()
+        else:  # tokens not computed keep the output (and score) of their last computation
+            assert not changed[skipped].any()
+    remove_cat(pipe)
+
+
+def test_fused_projections_are_used(pipe):
+    """diffusers' fuse_qkv_projections() (to_qkv / to_added_qkv / to_kv): alpha = 1 matches the
+    fused unpruned pipeline, and pruning gives what it gives without fusion."""
+    unfused = generate(pipe, PROMPTS[:2])
+    apply_cat(pipe, alpha=0.3)
+    pruned_unfused = generate(pipe, PROMPTS[:2])
+    remove_cat(pipe)
+    transformer = pipe.transformer
+    originals = dict(transformer.attn_processors)
+    # diffusers' fused joint processor cannot run SD3.5's image-only attn2 unpruned (it
+    # expects text); CAT runs it, so there the unfused unpruned run is the reference.
+    dual = any(
+        getattr(block, "attn2", None) is not None and hasattr(block, "norm1_context")
+        for block in transformer.transformer_blocks
+    )
+    transformer.fuse_qkv_projections()
+    try:
+        fused = unfused if dual else generate(pipe, PROMPTS[:2])
+        scale = unfused.abs().max().item()
+        assert (fused - unfused).abs().max().item() < 1e-3 * scale
+        attn = next(iter(family_of(transformer).attention_modules(transformer).values()))
+        calls = []
+        handle = attn.to_qkv.register_forward_hook(lambda *a: calls.append(1))
+        state = apply_cat(pipe, alpha=1.0)
+        out = generate(pipe, PROMPTS[:2])
+        if dual:
+            assert (out - fused).abs().max().item() < 1e-3 * scale
+        else:
+            assert max_diff(out, fused) <= TOL
+        assert state.pruned_steps == STEPS - 8 and len(calls) == STEPS
+        handle.remove()
+        apply_cat(pipe, alpha=0.3)
+        pruned_fused = generate(pipe, PROMPTS[:2])
+        scale = pruned_unfused.abs().max().item()
+        assert (pruned_fused - pruned_unfused).abs().max().item() < 1e-3 * scale
+        remove_cat(pipe)
+    finally:
+        transformer.set_attn_processor(originals)
+        for module in transformer.modules():  # unfuse: back to to_q/to_k/to_v
+            if getattr(module, "fused_projections", False):
+                module.fused_projections = False
+                for name in ("to_qkv", "to_kv", "to_added_qkv"):
+                    if hasattr(module, name):
+                        delattr(module, name)
+
+
+@torch.no_grad()
+def test_prompt_work_runs_once_per_generation(pipe):
+    """Context embedding / caption projection (and PixArt's cross-attention text K/V) run once
+    per generation, not once per step."""
+    transformer = pipe.transformer
+    module = (
+        transformer.context_embedder
+        if isinstance(transformer, SD3Transformer2DModel)
+        else transformer.caption_projection
+    )
+    calls = []
+    handle = module.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        state = apply_cat(pipe, alpha=0.3)
+        generate(pipe, PROMPTS[:2])
+        generate(pipe, PROMPTS[1:])
+        assert state.full_steps + state.pruned_steps == STEPS and len(calls) == 2
+    finally:
+        handle.remove()
+        remove_cat(pipe)

@@ -26,13 +26,14 @@ def tiny_sd3():
     return model, inputs
 
 
+@pytest.mark.parametrize("stream", ["full", "krow"])
 @pytest.mark.parametrize("k", [64, 19, 5])
-def test_counter_matches_analytic_count(tiny_sd3, k):
+def test_counter_matches_analytic_count(tiny_sd3, k, stream):
     model, inputs = tiny_sd3
     n = (LATENT // 2) ** 2
     idx = None if k == n else torch.stack([torch.randperm(n)[:k] for _ in range(ROWS)])
-    macs = count_step_macs(model, *inputs, idx=idx)
-    expected = analytic_sd3_macs(TINY_SD3, ROWS, n, k, TEXT)
+    macs = count_step_macs(model, *inputs, idx=idx, stream=stream)
+    expected = analytic_sd3_macs(TINY_SD3, ROWS, n, k, TEXT, stream if idx is not None else "full")
     for key, value in expected.items():
         assert macs[key] == value, key
     assert macs["total"] == macs["paper"] + macs["attention"]

@@ -121,3 +121,58 @@ def test_load_note_only_when_load_exceeds_cores():
     assert tp.load_note([0.5, 1.9], cores=2) is None
     note = tp.load_note([1.0, 6.4], cores=2)
     assert note is not None and "LOADED MACHINE: load average up to 6.4 on 2 cores" in note
+
+
+def test_idle_share_leaves_out_the_warmup_call():
+    # warm-up call 0-10, then calls of 2 s with gaps of 0.5 s, 0 s and 1.5 s
+    calls = [(0.0, 10.0), (10.5, 2.0), (12.5, 2.0), (16.0, 2.0)]
+    assert tp.idle_share(calls) == pytest.approx(2.0 / 8.0)
+    assert tp.idle_share(list(reversed(calls))) == pytest.approx(2.0 / 8.0)
+    assert tp.idle_share([(0.0, 1.0), (1.0, 3.0)]) == 0.0  # back to back
+    assert math.isnan(tp.idle_share(calls[:1]))
+
+
+def test_calls_rate_counts_the_images_after_the_warmup_call():
+    # warm-up 0-10 (4 images), then 4 + 4 + 2 images ending at 18
+    calls = [(0.0, 10.0, 4), (10.5, 2.0, 4), (12.5, 2.0, 4), (16.0, 2.0, 2)]
+    assert tp.calls_rate(calls) == pytest.approx(10 / 8)
+    assert math.isnan(tp.calls_rate(calls[:1]))
+
+
+def test_actor_calls_from_batch_events_and_per_actor_formatting():
+    events = [
+        {"event": "task_start", "t": 1.0},
+        {"event": "batch", "t": 3.0, "size": 4, "call_start": 1.5, "call_s": 1.4},
+        {"event": "batch", "t": 4.0, "error": "boom"},  # failed: no call timing
+        {"event": "task_commit", "t": 5.0},
+    ]
+    assert tp.actor_calls(events) == [(1.5, 1.4, 4)]
+    assert tp.fmt_actors([[0.021, 0.034]]) == "2.1 / 3.4"
+    assert tp.fmt_actors([[0.01], [0.02]]) == "1.0; 2.0"
+    assert tp.fmt_actors([]) == "-"
+
+
+def test_summary_lines_give_the_idle_share_verdict_for_one_actor_with_metrics():
+    def run(variant: str, calls_ips: float, idle: float) -> tp.RunResult:
+        return tp.RunResult(variant, 0, 32, 60.0, 1.0, idle=[idle], calls_ips=calls_ips)
+
+    results = [run("plain", 1.0, 0.099), run("catbatch-1", 1.0, 0.05)]
+    results.append(run("catbatch-1+metrics", 1.02, 0.02))
+    text = "\n".join(tp.summary_lines(results, ["plain", "catbatch-1", "catbatch-1+metrics"]))
+    assert "catbatch-1+metrics, share of steady time with no pipeline call: 0.020" in text
+    assert "-> 2.0 % (target <= 3 %: MET)" in text
+    assert "pipeline calls: 1.020 per repeat (target >= 1: MET)" in text
+    table = tp.report(results, ["plain", "catbatch-1", "catbatch-1+metrics"])
+    assert "| 9.9 |" in table and "| 2.0 |" in table
+
+
+def test_demo_job_is_the_demo_manifest_on_the_cpu(tmp_path):
+    m = tp.write_demo_job(tmp_path)
+    demo = yaml.safe_load(tp.DEMO_MANIFEST.read_text())
+    assert m["model"] == {**demo["model"], "device": "cpu"}
+    assert [v["name"] for v in m["variants"]] == [v["name"] for v in demo["variants"]]
+    assert m["metrics"] == demo["metrics"] and m["steps"] == demo["steps"]
+    assert Path(m["prompts"]["path"]).is_file() and m["prompts"]["limit"] == 32
+    assert m["ray"]["resources"] == {"cpus": 1, "gpus": 0} and m["output"] == str(tmp_path / "out")
+    assert yaml.safe_load((tmp_path / "manifest.yaml").read_text()) == m
+    assert tp.write_demo_job(tmp_path, quick=True)["prompts"]["limit"] == 4

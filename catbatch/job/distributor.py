@@ -1,5 +1,13 @@
 """Ray side of a job: the cluster connection, one actor per GPU (or CPU slot), and a pull loop
-that hands the next task to whichever actor is idle."""
+that keeps two tasks on each actor: the one it is making and the next.
+
+A task goes through two actor calls: ``run`` makes its images (the pipeline calls) and returns
+when the last call is done, the shard's rows, Parquet file and commit then going on in the
+actor's own threads; ``finish`` waits for that commit and returns the shard's stats. Each actor
+holds up to :data:`DEPTH` tasks whose ``run`` has not returned, numbered in the order they were
+handed out, and makes them in that order (one at a time), so its next task starts the moment the
+current one's pipeline calls end, while that one's shard is still being written.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +34,7 @@ from catbatch.job.sharding import Task
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
+DEPTH = 2  # tasks an actor holds whose pipeline calls are not done: the one it makes, the next
 TEST_ENV_PREFIX = "CATBATCH_TEST_"  # forwarded to actors (fault injection, see worker.py)
 
 
@@ -98,12 +107,33 @@ def plan_actors(
     return max(1, min(n, n_tasks)), cpus, gpus
 
 
-@ray.remote(max_restarts=0, concurrency_groups={"probe": 1})
+class _Turns:
+    """Lets ``run`` calls through one at a time, in the order the driver numbered them (Ray
+    does not order the calls of an actor that has threads)."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def take(self, turn: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._next == turn)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._next += 1
+                self._cond.notify_all()
+
+
+@ray.remote(max_restarts=0, max_concurrency=DEPTH, concurrency_groups={"probe": 1, "finish": 1})
 class ShardActor:
     """Holds one pipeline (one GPU each when GPUs exist) and runs tasks.
 
-    ``progress`` answers from its own thread while ``run`` works, so the pool can spot a hung
-    batch.
+    ``run`` makes a task's images (two calls may wait, made in turn order), ``finish`` waits
+    for its commit; ``progress`` and ``drain`` answer from their own thread while ``run``
+    works, so the pool can spot a hung batch and stop the actor's next task on SIGTERM.
     """
 
     def __init__(
@@ -137,6 +167,9 @@ class ShardActor:
             "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
             "device": self.worker.device_name,
         }
+        self.turns = _Turns()
+        self.pending: dict[str, Any] = {}  # task key -> PendingShard, until finish() takes it
+        self.draining = False
         self.load_s = round(time.perf_counter() - t0, 3)
 
     def info(self) -> dict:
@@ -152,14 +185,28 @@ class ShardActor:
             "metrics": self.worker.metrics_info(),
         }
 
-    def run(self, task: Task) -> dict:
-        """The shard's stats and the structured events of the task (see Worker.event)."""
+    def run(self, task: Task, turn: int) -> dict:
+        """Make the task's images once its turn comes; ``{"started": False}`` when the actor
+        was drained before that (the task did not run)."""
+        with self.turns.take(turn):
+            if self.draining:
+                return {"started": False}
+            try:
+                self.pending[task.key] = self.worker.start_task(task, self.layout)
+            except Exception as e:
+                self.worker.event("task_error", task=task.key, error=f"{type(e).__name__}: {e}")
+                raise
+        return {"started": True}
+
+    @ray.method(concurrency_group="finish")
+    def finish(self, key: str) -> dict:
+        """The committed shard's stats and the structured events so far (see Worker.event)."""
         from dataclasses import asdict
 
         try:
-            stats = asdict(self.worker.run_task(task, self.layout))
+            stats = asdict(self.pending.pop(key).result())
         except Exception as e:
-            self.worker.event("task_error", task=task.key, error=f"{type(e).__name__}: {e}")
+            self.worker.event("task_error", task=key, error=f"{type(e).__name__}: {e}")
             raise
         return {"stats": stats, "events": self.worker.take_events()}
 
@@ -167,6 +214,11 @@ class ShardActor:
     def progress(self) -> float | None:
         """Seconds the running batch has taken so far (None between batches)."""
         return self.worker.batch_elapsed()
+
+    @ray.method(concurrency_group="probe")
+    def drain(self) -> None:
+        """Start no more tasks: those still waiting for their turn return unstarted."""
+        self.draining = True
 
 
 def _pid_alive(pid: int) -> bool:
@@ -198,54 +250,78 @@ class PoolResult:
 
 
 @dataclass(eq=False)
+class _Held:
+    """A task handed to an actor, with its pending call: ``run`` while its images are being
+    made (or it waits for its turn), then ``finish`` while its shard is written."""
+
+    task: Task
+    turn: int
+    ref: Any
+    writing: bool = False
+
+
+@dataclass(eq=False)
 class _Actor:
     handle: Any
     name: str  # actor-N, in start order; replacements get new numbers
+    turns: int = 0  # run calls numbered so far
+    held: list[_Held] = field(default_factory=list)  # in turn order
+
+    def making(self) -> list[_Held]:
+        """Held tasks whose pipeline calls are not done: the first is running (or about to)."""
+        return [h for h in self.held if not h.writing]
+
+    def started(self) -> list[_Held]:
+        """Held tasks it works on: the shards being written and the task being made."""
+        return [h for h in self.held if h.writing] + self.making()[:1]
 
 
 class _HangWatch:
-    """Finds running tasks whose current batch has run past the timeout.
+    """Finds actors whose current batch has run past the timeout.
 
-    Each busy actor is asked now and then how long its batch has been running (without
-    waiting for the answer); one that answered before and then leaves a question unanswered
-    for longer than the timeout counts as hung as well.
+    Each actor making a task is asked now and then how long its batch has been running
+    (without waiting for the answer); one that answered before and then leaves a question
+    unanswered for longer than the timeout counts as hung as well.
     """
 
     def __init__(self, timeout_s: float | None):
         self.timeout_s = timeout_s
         self.every_s = min(timeout_s / 4, 10.0) if timeout_s else 0.0
-        self.asked: dict[Any, tuple[Any, float]] = {}  # task ref -> (probe ref, sent at)
-        self.answered: dict[Any, float] = {}  # task ref -> time of the last answer
+        self.asked: dict[_Actor, tuple[Any, float]] = {}  # actor -> (probe ref, sent at)
+        self.answered: dict[_Actor, float] = {}  # actor -> time of the last answer
 
-    def hung(self, running: dict[Any, tuple[Any, Task]]) -> list[Any]:
+    def hung(self, making: list[_Actor]) -> list[_Actor]:
         if self.timeout_s is None:
             return []
+        for actor in [*self.asked, *self.answered]:
+            if actor not in making:  # between tasks: its next task is timed afresh
+                self.forget(actor)
         out = []
         now = time.monotonic()
-        for ref, (actor, _) in running.items():
-            probe, sent = self.asked.get(ref, (None, 0.0))
+        for actor in making:
+            probe, sent = self.asked.get(actor, (None, 0.0))
             if probe is not None:
                 ready, _ = ray.wait([probe], timeout=0)
                 if not ready:
-                    if ref in self.answered and now - sent > self.timeout_s:
-                        out.append(ref)
+                    if actor in self.answered and now - sent > self.timeout_s:
+                        out.append(actor)
                     continue
                 try:
                     elapsed = ray.get(probe)
                 except ray.exceptions.RayError:
-                    continue  # the actor died; its run reports that
-                self.answered[ref] = now
-                del self.asked[ref]
+                    continue  # the actor died; its calls report that
+                self.answered[actor] = now
+                del self.asked[actor]
                 if elapsed is not None and elapsed > self.timeout_s:
-                    out.append(ref)
+                    out.append(actor)
                     continue
             if now - sent >= self.every_s:
-                self.asked[ref] = (actor.handle.progress.remote(), now)
+                self.asked[actor] = (actor.handle.progress.remote(), now)
         return out
 
-    def forget(self, ref: Any) -> None:
-        self.asked.pop(ref, None)
-        self.answered.pop(ref, None)
+    def forget(self, actor: _Actor) -> None:
+        self.asked.pop(actor, None)
+        self.answered.pop(actor, None)
 
 
 class _PlacementWait:
@@ -288,17 +364,25 @@ def run_pool(
 ) -> PoolResult:
     """Run every task on a pull-based actor pool.
 
-    Actors start in the background; each takes a task as soon as its pipeline is loaded and the
-    next one when it finishes, so fast and slow devices both stay busy and an actor that cannot
-    be placed yet (no free GPU) holds no work. A task whose actor dies (crash, SIGKILL, lost
-    node) or whose batch runs past ``ray.batch_timeout_s`` (its actor is killed) is retried on
-    another actor, up to ``ray.max_attempts`` tries in all, then reported in ``failed``. A dead
-    actor is replaced while work is left. Once ``stop()`` is true (SIGTERM) no task starts;
-    running ones get ``ray.stop_grace_s`` seconds to commit, then their actors are killed and
-    the tasks are ``abandoned`` (still pending for the next run). An actor whose pipeline fails
-    to load raises :class:`ray.exceptions.RayActorError` (the same error would hit every actor).
-    With ``lease_generation`` (the output lease the driver holds) an actor commits nothing once
-    a newer lease exists (see :mod:`catbatch.job.lease`).
+    Actors start in the background; each takes a task as soon as its pipeline is loaded, and
+    holds :data:`DEPTH` tasks whose pipeline calls are not done (the one it makes and the next;
+    a second task is not handed out while an actor still loading would go without), so fast
+    and slow devices both stay busy, no round trip to the driver sits between two tasks, and
+    an actor that cannot be placed yet (no free GPU) holds no work.
+
+    A task whose actor dies (crash, SIGKILL, lost node) while working on it (making its
+    images, or writing its shard) is retried on another actor, up to ``ray.max_attempts``
+    tries in all, then reported in ``failed``; so is one whose batch runs past
+    ``ray.batch_timeout_s`` (its actor is killed; the shards that actor was writing are made
+    again uncounted). A held task that had not started goes back to the front of the queue
+    without counting a try; a shard the dead actor committed before answering counts as done.
+    A dead actor is replaced while work is left. Once ``stop()`` is true (SIGTERM) no task
+    starts: actors are drained (their waiting tasks come back unstarted); running ones get
+    ``ray.stop_grace_s`` seconds to commit, then their actors are killed and the tasks are
+    ``abandoned`` (still pending for the next run). An actor whose pipeline fails to load
+    raises :class:`ray.exceptions.RayActorError` (the same error would hit every actor). With
+    ``lease_generation`` (the output lease the driver holds) an actor commits nothing once a
+    newer lease exists (see :mod:`catbatch.job.lease`).
     """
     spec = manifest.ray
     obs = observer or PoolObserver()
@@ -308,6 +392,7 @@ def run_pool(
     # A private cluster's workers outlive a SIGKILLed driver by a task; they must not commit.
     # (On a shared cluster Ray itself kills the actors of a dead driver.)
     driver_pid = os.getpid() if spec.address == "local" else None
+    layout = OutputLayout(manifest.output_url)
     started = 0
     max_starts = n_actors + max(2 * n_actors, spec.max_attempts * len(tasks))
 
@@ -315,7 +400,7 @@ def run_pool(
     queue: deque[Task] = deque(tasks)
     attempts: dict[str, int] = {}
     starting: dict[Any, _Actor] = {}  # info ref -> actor loading its pipeline
-    running: dict[Any, tuple[_Actor, Task]] = {}
+    calls: dict[Any, tuple[_Actor, _Held]] = {}  # pending run / finish ref -> actor, task
     ready: set[_Actor] = set()
     watch = _HangWatch(spec.batch_timeout_s)
     waiting = _PlacementWait()
@@ -335,12 +420,19 @@ def run_pool(
         started += 1
         starting[handle.info.remote()] = actor
 
-    def submit(actor: _Actor) -> None:
-        if queue and not stopping():
+    def fill(actor: _Actor) -> None:
+        """Top the actor up to DEPTH tasks in the making; one left with nothing is let go
+        (its GPU is free for other jobs)."""
+        while queue and not stopping() and len(actor.making()) < DEPTH:
+            if actor.making() and len(queue) <= len(starting):
+                break  # keep the rest for the actors still loading their pipelines
             task = queue.popleft()
             attempts[task.key] = attempts.get(task.key, 0) + 1
-            running[actor.handle.run.remote(task)] = (actor, task)
-        else:  # nothing left for it: free its GPU for other jobs
+            held = _Held(task, actor.turns, actor.handle.run.remote(task, actor.turns))
+            actor.turns += 1
+            actor.held.append(held)
+            calls[held.ref] = (actor, held)
+        if not actor.held:
             ready.discard(actor)
             ray.kill(actor.handle, no_restart=True)
 
@@ -354,6 +446,63 @@ def run_pool(
         else:
             result.failed[task.key] = f"{error} ({attempts[task.key]} attempts)"
 
+    def requeue(actor: _Actor, back: list[Task], why: str) -> None:
+        """Tasks that did not fail go back to the front of the queue, in order, uncounted."""
+        for task in back:
+            attempts[task.key] -= 1
+            obs.task_requeued(actor.name, task, why)
+        queue.extendleft(reversed(back))
+
+    def finished(actor: _Actor, task: Task, out: dict) -> None:
+        result.done.append(task.key)
+        obs.task_done(actor.name, task, out["stats"], out["events"])
+
+    def committed(task: Task) -> dict | None:
+        """The stats of the task's shard when its commit marker exists."""
+        try:
+            stats = layout.read_json(layout.shard_stats(task.variant, task.shard.name))
+        except Exception:  # noqa: BLE001 - unreadable: not committed, made again
+            return None
+        if isinstance(stats, dict) and stats.get("content_hash") == task.shard.content_hash:
+            return stats
+        return None
+
+    def settle(actor: _Actor, error: str, hung: bool) -> None:
+        """Every task of an actor that is gone (died, or killed for a hung batch). What it
+        answered before counts, and so does a shard it committed; the task it was making is
+        retried (a try, ``error``), and so are the shards it was writing unless it was killed
+        for a hang (they are made again uncounted); tasks waiting for their turn go back."""
+        back: list[Task] = []
+        making_seen = False
+        for held in actor.held:
+            calls.pop(held.ref, None)
+            out = _answer(held.ref)
+            if held.writing and out is not None:
+                finished(actor, held.task, out)
+                continue
+            if not held.writing and out is not None:
+                if not out["started"]:
+                    back.append(held.task)
+                    continue
+                held.writing = True  # its pipeline calls were done; it may have committed
+            if held.writing:
+                stats = committed(held.task)
+                if stats is not None:  # its log lost the actor's events: say what is known
+                    note = _commit_event(held.task, stats)
+                    finished(actor, held.task, {"stats": stats, "events": [note]})
+                elif hung:
+                    back.append(held.task)
+                else:
+                    retry_or_fail(actor, held.task, error)
+            elif not making_seen:
+                making_seen = True
+                retry_or_fail(actor, held.task, error)
+            else:
+                back.append(held.task)
+        actor.held.clear()
+        watch.forget(actor)
+        requeue(actor, back, f"not started when its actor was lost ({error})")
+
     def lost(actor: _Actor, error: str) -> None:
         """An actor is gone: replace it while work is left and fewer actors run than asked."""
         ready.discard(actor)
@@ -363,33 +512,34 @@ def run_pool(
 
     for _ in range(min(n_actors, len(tasks))):
         start_actor()
-    while running or (starting and queue and not stopping()):
-        obs.tick(len(queue), len(running), len(ready))
+    while calls or (starting and queue and not stopping()):
+        obs.tick(len(queue), len(calls), len(ready))
         if stop_since is None and stopping():
             stop_since = time.monotonic()
             result.stopped = True
+            for actor in ready:
+                actor.handle.drain.remote()
             log.warning(
                 "stop requested: no new shards; %d running shard(s) get %g s to commit",
-                len(running),
+                sum(len(a.started()) for a in ready),
                 spec.stop_grace_s,
             )
         if stop_since is not None and time.monotonic() - stop_since >= spec.stop_grace_s:
-            for actor, task in running.values():
-                ray.kill(actor.handle, no_restart=True)
-                result.abandoned.append(task.key)
+            for actor in ready:
+                if actor.held:
+                    ray.kill(actor.handle, no_restart=True)
+                    result.abandoned += [h.task.key for h in actor.started()]
             break
-        done, _ = ray.wait([*running, *starting], num_returns=1, timeout=POLL_S)
-        if not running and not ready:
+        done, _ = ray.wait([*calls, *starting], num_returns=1, timeout=POLL_S)
+        if not calls and not ready:
             waiting.check(len(starting), cpus, gpus)
         if not done:
-            for ref in watch.hung(running):
-                actor, task = running.pop(ref)
-                watch.forget(ref)
+            for actor in watch.hung([a for a in ready if a.making()]):
                 ray.kill(actor.handle, no_restart=True)
-                ray.wait([ref], timeout=30)  # the actor is gone before the task runs again
-                retry_or_fail(
-                    actor, task, f"a batch ran past batch_timeout_s={spec.batch_timeout_s:g} s"
-                )
+                refs = [h.ref for h in actor.held]
+                ray.wait(refs, num_returns=len(refs), timeout=30)  # gone before tasks rerun
+                why = f"a batch ran past batch_timeout_s={spec.batch_timeout_s:g} s"
+                settle(actor, why, hung=True)
                 lost(actor, "killed: batch timeout")
             continue
         ref = done[0]
@@ -405,22 +555,30 @@ def run_pool(
             result.worker_info = result.worker_info or info
             ready.add(actor)
             obs.actor_ready(actor.name, info)
-            submit(actor)
+            fill(actor)
             continue
-        actor, task = running.pop(ref)
-        watch.forget(ref)
+        actor, held = calls.pop(ref)
         try:
             out = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            retry_or_fail(actor, task, f"actor died: {_first_line(e)}")
+            settle(actor, f"actor died: {_first_line(e)}", hung=False)
             lost(actor, _first_line(e))
             continue
         except ray.exceptions.RayTaskError as e:
-            retry_or_fail(actor, task, _first_line(e.cause or e))
+            actor.held.remove(held)
+            retry_or_fail(actor, held.task, _first_line(e.cause or e))
         else:
-            result.done.append(task.key)
-            obs.task_done(actor.name, task, out["stats"], out["events"])
-        submit(actor)
+            if held.writing:
+                actor.held.remove(held)
+                finished(actor, held.task, out)
+            elif out["started"]:
+                held.writing = True
+                held.ref = actor.handle.finish.remote(held.task.key)
+                calls[held.ref] = (actor, held)
+            else:  # drained before its turn
+                actor.held.remove(held)
+                requeue(actor, [held.task], "not started: the run is stopping")
+        fill(actor)
     for actor in [*starting.values(), *ready]:
         ray.kill(actor.handle, no_restart=True)
     result.stopped = result.stopped or stopping()  # (a stop between two tasks ends the loop)
@@ -429,6 +587,30 @@ def run_pool(
             result.failed[task.key] = f"no actor could run it ({started} actor starts failed)"
     obs.tick(len(queue), 0, 0)
     return result
+
+
+def _commit_event(task: Task, stats: dict) -> dict[str, Any]:
+    """The ``task_commit`` event of a shard whose actor died before reporting its commit."""
+    return {
+        "t": stats.get("written_at"),
+        "event": "task_commit",
+        "task": task.key,
+        "seconds": stats.get("seconds"),
+        "images_ok": stats.get("images_ok"),
+        "images_failed": stats.get("images_failed"),
+        "images_invalid": stats.get("images_invalid"),
+        "source": "read from its stats file: its actor died before answering",
+    }
+
+
+def _answer(ref: Any) -> Any:
+    """The value of a call that has answered, else None (not yet, or it raised)."""
+    if not ray.wait([ref], timeout=0)[0]:
+        return None
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError:
+        return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -219,7 +219,7 @@ def _check_family(manifest: Manifest, family: Family | None) -> None:
         if where:
             problems.append(
                 f"{', '.join(where)}: CAT pruning is not available for {name} pipelines yet "
-                "(catbatch prunes SD3, SD3.5 and PixArt-Sigma); use `pruning: none`"
+                "(catbatch prunes SD3, SD3.5, PixArt-Sigma and FLUX.1); use `pruning: none`"
             )
     if not family.cfg:
         where = _fields_with(manifest, "negative_prompt", bool)
@@ -311,6 +311,8 @@ def prepare_output(
     layout.check_writable()
     old = layout.read_json(layout.run_record)
     fp = fingerprint(p.manifest, p.model_source)
+    if old is not None and old.get("fingerprint") != fp and _adopt_krow_stream(p, old):
+        fp = fingerprint(p.manifest, p.model_source)
     if old is not None and old.get("fingerprint") != fp:
         if not overwrite:
             new_inputs = fingerprint_inputs(p.manifest, p.model_source)
@@ -360,6 +362,28 @@ def prepare_output(
 
 def _with_source(ref: Any, source: Any) -> Any:
     return ref if ref.source is source else dataclasses.replace(ref, source=source)
+
+
+def _adopt_krow_stream(p: Plan, old: dict) -> bool:
+    """An output made before ``pruning.stream`` existed was made with the K-row stream: when
+    the manifest matches it but for the stream, continue with ``krow`` (so one output never
+    mixes the two streams' images) and say so. True when the manifest was changed."""
+    sections = [p.manifest.pruning, *(v.pruning for v in p.manifest.variants)]
+    full = [s for s in sections if isinstance(s, dict) and s.get("stream") == "full"]
+    if not full:
+        return False
+    for section in full:
+        section["stream"] = "krow"
+    if fingerprint(p.manifest, p.model_source) == old.get("fingerprint"):
+        p.warnings.append(
+            f"{p.layout.display()} was made before pruning.stream existed, with the K-row "
+            "stream: continuing with stream: krow so its images stay consistent (use another "
+            "output, or --overwrite, for the default full-length stream)"
+        )
+        return True
+    for section in full:
+        section["stream"] = "full"
+    return False
 
 
 def _clear_output(layout: OutputLayout) -> None:
@@ -573,6 +597,10 @@ class JobObserver(PoolObserver):
         self.events.note("driver", kind, actor=name, task=task.key, error=error)
         self.events.flush()
         self.metrics.inc("task_retries" if will_retry else "failed_tasks")
+
+    def task_requeued(self, name: str, task: Task, why: str) -> None:
+        self.events.note("driver", "task_requeued", actor=name, task=task.key, why=why)
+        self.events.flush()
 
     def tick(self, queued: int, running: int, actors: int) -> None:
         eta = self.rate.eta_s()

@@ -27,6 +27,7 @@ from catbatch.job.layout import OutputLayout
 from catbatch.job.manifest import Manifest
 from catbatch.job.prompts import source_identity
 from catbatch.job.writer import SCHEMA_VERSION
+from catbatch.pruning import CATConfig
 
 
 def fingerprint_inputs(manifest: Manifest, model_source: dict | None = None) -> dict[str, Any]:
@@ -34,14 +35,15 @@ def fingerprint_inputs(manifest: Manifest, model_source: dict | None = None) -> 
     variant's sampling and pruning settings, seed, images per prompt, the prompt source's
     identity (location and reading options, not content: that is each shard's ``content_hash``)
     and the shard size. Not batch size, actors, device, offloading or output location; of the
-    memory options only those that change images (``drop_t5``, ``vae_tiling``), when on."""
+    memory options only those that change images (``drop_t5``, ``vae_tiling``), when on; of the
+    pruning settings only those that change images (:meth:`CATConfig.fingerprint_dict`)."""
     model = manifest.model.model_dump(exclude={"device", "memory"})
     mem = manifest.model.memory
     model.update({k: True for k in ("drop_t5", "vae_tiling") if getattr(mem, k)})
     return {
         "model": model,
         "model_snapshot": resolved_snapshot(model_source or {}),
-        "variants": {k: _sampling(v) for k, v in manifest.resolved_variants().items()},
+        "variants": {k: _variant(v) for k, v in manifest.resolved_variants().items()},
         "seed": manifest.seed,
         "images_per_prompt": manifest.images_per_prompt,
         "prompts": source_identity(manifest.prompts, manifest.base_dir),
@@ -49,12 +51,15 @@ def fingerprint_inputs(manifest: Manifest, model_source: dict | None = None) -> 
     }
 
 
-def _sampling(settings: Any) -> dict[str, Any]:
-    """A variant's settings; ``max_sequence_length`` only when set, as the memory options, so
-    the fingerprint of a run made before that setting existed does not change."""
+def _variant(settings: Any) -> dict[str, Any]:
+    """A variant's settings as fingerprinted: ``max_sequence_length`` only when set (as the
+    memory options, so runs made before that setting existed keep their fingerprint), pruning
+    reduced to what changes images (:meth:`CATConfig.fingerprint_dict`)."""
     values = settings.model_dump()
     if values.get("max_sequence_length") is None:
         values.pop("max_sequence_length", None)
+    if values.get("pruning") is not None:
+        values["pruning"] = CATConfig.fingerprint_dict(values["pruning"])
     return values
 
 

@@ -3,6 +3,14 @@
 Free of Ray (the Ray actor in :mod:`catbatch.job.distributor` wraps it) and of pruning details
 (pruning sections come from the manifest and go to the engine's ``apply_cat``).
 
+The pipeline calls of a task run back to back in the caller's thread; each batch's images go,
+still on the device, to a small pool of threads (:mod:`catbatch.job.overlap`) that quantizes
+them, scores them with CLIP (batched, on the same device), copies them to the host once, encodes
+the PNGs and builds the rows, while the next pipeline call runs. One more thread (the committer)
+waits for a shard's rows and writes its Parquet file, then its stats file (the commit marker),
+shard after shard in order; :meth:`Worker.start_task` returns once the task's last pipeline call
+is done, so the next task's calls can start while its shard is written.
+
 A batch that fails (an exception, or out of memory) is split in halves and retried, down to
 single images, so one bad image fails alone; each split is recorded in the shard's stats
 (``extra.batch_splits``) and in the rows (``batch_id`` suffix ``.0``/``.1``, ``batch_size``).
@@ -11,20 +19,26 @@ Test hook: ``CATBATCH_TEST_FAULTS`` (JSON, read when a Worker is made; the actor
 to its actors) injects faults for the fault tests and does nothing when unset. Keys:
 ``delay_s`` (sleep before each batch), ``fail_ids`` / ``nan_ids`` (sample ids whose batch raises
 / whose image comes out NaN), ``oom_above`` (batches larger than this raise
-``torch.OutOfMemoryError``), ``crash_shards`` (shard names whose actor SIGKILLs itself) and
-``hang_once`` (a file path: the first batch that finds it missing creates it and hangs).
+``torch.OutOfMemoryError``), ``crash_shards`` (shard names whose actor SIGKILLs itself),
+``hang_once`` (a file path: the first batch that finds it missing creates it and hangs) and
+``crash_before_commit_once`` / ``crash_after_commit_once`` (a file path: the first commit that
+finds it missing creates it and SIGKILLs its actor, after the shard's Parquet file is written and
+before its stats file / right after its stats file).
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import io
 import json
 import os
 import platform
 import signal
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +50,7 @@ from PIL import Image
 from catbatch.job.layout import OutputLayout
 from catbatch.job.lease import LeaseLost, check_generation
 from catbatch.job.manifest import Manifest, Sampling
+from catbatch.job.overlap import BoundedPool, DeviceImages, to_host
 from catbatch.job.prompts import Prompt
 from catbatch.job.seeds import image_generator, image_seed
 from catbatch.job.shardindex import read_piece
@@ -53,6 +68,9 @@ from catbatch.models.loader import (
 )
 
 FAULTS_ENV = "CATBATCH_TEST_FAULTS"
+POOL_THREADS = 2  # threads per worker that turn a batch's images into rows
+POOL_BATCHES = 4  # batches made and not yet turned into rows, at most (then the pipeline waits)
+SHARDS_WRITING = 2  # shards whose Parquet file and commit are pending, at most
 
 
 class OrphanedTask(RuntimeError):
@@ -69,6 +87,8 @@ class InjectedFaults:
     oom_above: int | None = None
     crash_shards: list[str] = field(default_factory=list)
     hang_once: str | None = None
+    crash_before_commit_once: str | None = None
+    crash_after_commit_once: str | None = None
 
     @classmethod
     def from_env(cls) -> InjectedFaults | None:
@@ -90,11 +110,24 @@ class InjectedFaults:
         if failing:
             raise RuntimeError(f"injected failure for sample {failing[0]}")
 
-    def after_batch(self, batch: list[Item], images: np.ndarray) -> np.ndarray:
+    def after_batch(self, batch: list[Item], images: torch.Tensor) -> torch.Tensor:
         for n, it in enumerate(batch):
             if it.prompt.sample_id in self.nan_ids:
-                images[n] = np.nan
+                images[n] = float("nan")
         return images
+
+    def before_commit(self) -> None:
+        _crash_once(self.crash_before_commit_once)
+
+    def after_commit(self) -> None:
+        _crash_once(self.crash_after_commit_once)
+
+
+def _crash_once(marker: str | None) -> None:
+    """SIGKILL this process the first time ``marker`` is missing (it is created first)."""
+    if marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -104,6 +137,34 @@ class Item:
     prompt: Prompt
     image_index: int
     seed: int
+
+
+@dataclass
+class _TaskRun:
+    """A task's batches so far: each one's rows, or the future of the pool making them."""
+
+    task: Task
+    settings: Sampling
+    parts: list[Future | list[Row]] = field(default_factory=list)
+    batch_splits: list[dict[str, Any]] = field(default_factory=list)
+
+    def rows(self) -> list[Row]:
+        """Every row made so far, in the order of the batches (waits for the pool)."""
+        return [
+            r for part in self.parts for r in (part if isinstance(part, list) else part.result())
+        ]
+
+
+@dataclass
+class PendingShard:
+    """A task whose pipeline calls are done; its rows, Parquet file and commit are on the way."""
+
+    task: Task
+    future: Future
+
+    def result(self, timeout: float | None = None) -> ShardStats:
+        """The committed shard's stats; raises what the rows, the write or the fence raised."""
+        return self.future.result(timeout)
 
 
 def device_name(device: str) -> str:
@@ -137,7 +198,10 @@ class Worker:
         self._family = family_of(self.pipe)  # None for pipelines catbatch does not know
         self.faults = InjectedFaults.from_env()
         self.batch_started: float | None = None  # monotonic start of the running batch
-        self.batch_splits: list[dict[str, Any]] = []  # of the current task
+        # beside the pipeline: batches' images to rows, and shards' Parquet files and commits
+        self.pool = BoundedPool(POOL_THREADS, POOL_BATCHES, "catbatch-rows")
+        self.committer = BoundedPool(1, SHARDS_WRITING, "catbatch-commit")
+        self._lock = threading.Lock()  # events and notes come from every thread
         # False once the driver that owns this worker is gone: stop before the next batch and
         # never commit (a rerun may be writing the same shard); set by the Ray actor
         self.owner_alive: Callable[[], bool] = lambda: True
@@ -151,11 +215,13 @@ class Worker:
 
     def event(self, kind: str, **fields: Any) -> None:
         """Record a structured log event (task, batch, split, error) with a wall-clock time."""
-        self.events.append({"t": round(time.time(), 3), "event": kind, **fields})
+        with self._lock:
+            self.events.append({"t": round(time.time(), 3), "event": kind, **fields})
 
     def take_events(self) -> list[dict[str, Any]]:
         """The events recorded since the last call."""
-        out, self.events = self.events, []
+        with self._lock:
+            out, self.events = self.events, []
         return out
 
     def batch_elapsed(self) -> float | None:
@@ -173,33 +239,53 @@ class Worker:
         ]
 
     def run_task(self, task: Task, layout: OutputLayout) -> ShardStats:
-        """Read the task's prompts from the source, generate every image and commit the
-        piece."""
+        """Generate every image of the task's shard and commit the shard (waits for the commit)."""
+        return self.start_task(task, layout).result()
+
+    def start_task(self, task: Task, layout: OutputLayout) -> PendingShard:
+        """Read the task's prompts from the source, make every batch of its shard and hand its
+        commit to the committer thread.
+
+        Returns once the last pipeline call is done: the rows of the last batches, the Parquet
+        file and the stats file (the commit marker, written last, only once the Parquet file is
+        complete and the fence of :meth:`check_commit` passed) follow in the worker's threads.
+        """
         start, started_at = time.perf_counter(), time.time()
         if self.faults:
             self.faults.before_task(task)
-        self.batch_splits = []
-        settings = self.variants[task.variant]
+        run = _TaskRun(task, self.variants[task.variant])
         items = self.items(read_piece(task.shard))  # the task says where its prompts are
         self.event("task_start", task=task.key, images=len(items))
-        rows: list[Row] = []
         bs = self.manifest.batch_size
         good = [it for it in items if it.prompt.problem is None]
-        for it in items:
-            if it.prompt.problem is not None:
-                rows.append(
-                    self._row(
-                        it, task, settings, None, "-", 0, 0.0, it.prompt.problem, status="invalid"
-                    )
-                )
+        run.parts.append(
+            [
+                self._row(it, task, run.settings, None, "-", 0, 0.0, it.prompt.problem, "invalid")
+                for it in items
+                if it.prompt.problem is not None
+            ]
+        )
         for b in range(0, len(good), bs):
             self._check_owner(task)
-            batch = good[b : b + bs]
-            rows.extend(self.generate_rows(batch, task, settings, f"{task.shard.name}-b{b // bs}"))
+            self._make_batch(good[b : b + bs], run, f"{task.shard.name}-b{b // bs}")
+        future = self.committer.submit(self._commit, run, items, layout, start, started_at)
+        return PendingShard(task, future)
+
+    def _commit(
+        self,
+        run: _TaskRun,
+        items: list[Item],
+        layout: OutputLayout,
+        start: float,
+        started_at: float,
+    ) -> ShardStats:
+        """The committer thread: the shard's rows in item order, its Parquet file, its commit."""
+        task = run.task
+        rows = run.rows()
         order = {(it.prompt.sample_id, it.image_index): n for n, it in enumerate(items)}
         rows.sort(key=lambda r: order[(r.sample_id, r.image_index)])
         self._check_owner(task)
-        extra: dict[str, Any] = {"batch_splits": self.batch_splits} if self.batch_splits else {}
+        extra: dict[str, Any] = {"batch_splits": run.batch_splits} if run.batch_splits else {}
         if self.placement:
             extra["worker"] = self.placement
         stats = write_shard(
@@ -214,6 +300,8 @@ class Worker:
             started_at,
             before_commit=lambda: self.check_commit(task, layout),
         )
+        if self.faults:
+            self.faults.after_commit()
         self.event(
             "task_commit",
             task=task.key,
@@ -232,6 +320,8 @@ class Worker:
         """Raise :class:`OrphanedTask` when this worker may no longer commit ``task``: its
         driver is gone, or a newer submission took the output's lease (re-read now)."""
         self._check_owner(task)
+        if self.faults:
+            self.faults.before_commit()
         if self.lease_generation is None:
             return
         try:
@@ -242,11 +332,19 @@ class Worker:
     def generate_rows(
         self, batch: list[Item], task: Task, settings: Sampling, batch_id: str
     ) -> list[Row]:
-        """Run one batch; a failure splits it in halves (down to 1), then marks the images failed.
+        """The rows of one batch, made now (the pool's work included); see :meth:`_make_batch`."""
+        run = _TaskRun(task, settings)
+        self._make_batch(batch, run, batch_id)
+        return run.rows()
 
-        Out of memory and any other exception are handled alike, so a single bad image fails
-        alone and its batch-mates are made in smaller batches; nothing raises.
+    def _make_batch(self, batch: list[Item], run: _TaskRun, batch_id: str) -> None:
+        """Run one batch's pipeline call and hand its images to the pool (``run.parts``).
+
+        A failure splits the batch in halves (down to 1), then marks the images failed. Out of
+        memory and any other exception are handled alike, so a single bad image fails alone and
+        its batch-mates are made in smaller batches; nothing raises.
         """
+        task, settings = run.task, run.settings
         t0 = time.perf_counter()
         self.batch_started = time.monotonic()
         try:
@@ -258,57 +356,91 @@ class Worker:
                 _free_memory()
         finally:
             self.batch_started = None
-        seconds = round(time.perf_counter() - t0, 3)
+        seconds = time.perf_counter() - t0
         if error is not None and len(batch) > 1:
             self.event("batch_split", task=task.key, batch=batch_id, size=len(batch), error=error)
-            self.batch_splits.append({"batch_id": batch_id, "size": len(batch), "error": error})
+            run.batch_splits.append({"batch_id": batch_id, "size": len(batch), "error": error})
             half = (len(batch) + 1) // 2
-            return self.generate_rows(
-                batch[:half], task, settings, f"{batch_id}.0"
-            ) + self.generate_rows(batch[half:], task, settings, f"{batch_id}.1")
-        finite = [images is not None and np.isfinite(images[n]).all() for n in range(len(batch))]
+            self._make_batch(batch[:half], run, f"{batch_id}.0")
+            self._make_batch(batch[half:], run, f"{batch_id}.1")
+            return
+        finite = [False] * len(batch) if images is None else images.finite()
+        call = self.last_call if images is not None else {}
         self.event(
             "batch",
             task=task.key,
             batch=batch_id,
             size=len(batch),
-            seconds=seconds,
-            ok=int(sum(bool(f) for f in finite)),
+            seconds=round(seconds, 3),
+            ok=sum(finite),
+            **call,
             **({"error": error[:500]} if error else {}),
         )
-        scores, t_score = self._clip_scores(batch, images, finite)
-        latency = (time.perf_counter() - t0) / len(batch)
-        per_row = (
-            self._batch_metrics(batch, settings, latency, t_score) if images is not None else {}
-        )
+        # what reads the pipeline's state is taken here, before the next call changes it
+        latency = (self.last_timing["pipeline"] if images is not None else seconds) / len(batch)
+        per_row = self._batch_metrics(batch, settings, latency) if images is not None else {}
+        limits = self._limits(settings)
+        args = (batch, run.task, settings, images, finite, error, batch_id, latency, per_row)
+        run.parts.append(self.pool.submit(self._batch_rows, *args, limits))
+
+    def _batch_rows(
+        self,
+        batch: list[Item],
+        task: Task,
+        settings: Sampling,
+        images: DeviceImages | None,
+        finite: list[bool],
+        error: str | None,
+        batch_id: str,
+        latency: float,
+        per_row: dict[str, Any],
+        limits: list[tuple[Any, int]],
+    ) -> list[Row]:
+        """A pool thread: quantize and CLIP-score the images on their device, copy them to the
+        host once, encode the PNGs and build the rows."""
+        scores: list[float | None] = [None] * len(batch)
+        t_score, pixels = None, None
+        if images is not None and any(finite):
+            with images.on_side_stream():
+                quantized = images.quantized()
+                scores, t_score = self._clip_scores(batch, quantized, finite)
+                pixels = to_host(quantized)
         rows = []
         for n, it in enumerate(batch):
-            img = None if images is None else images[n]
-            err = error
-            if img is not None and not finite[n]:
-                img, err = None, "non-finite pixel values (NaN or inf) in the pipeline output"
-            pixels = None if img is None else _to_uint8(img)
-            png = None if pixels is None else encode_png(pixels)
-            extra = {}
-            if pixels is not None:
-                extra = {**per_row, **self._sample_metrics(it, scores[n], settings, pixels)}
+            err, png, extra = error, None, {}
+            if images is not None and not finite[n]:
+                err = "non-finite pixel values (NaN or inf) in the pipeline output"
+            elif pixels is not None:
+                png = encode_png(pixels[n])
+                extra = {
+                    **per_row,
+                    "t_score_s": None if t_score is None else t_score / len(batch),
+                    **self._sample_metrics(it, scores[n], pixels[n], limits),
+                }
             rows.append(
                 self._row(it, task, settings, png, batch_id, len(batch), latency, err, **extra)
             )
         return rows
 
-    def generate(self, batch: list[Item], settings: Sampling) -> np.ndarray:
-        """Images as float arrays in [0, 1], shape (len(batch), H, W, 3)."""
+    def generate(self, batch: list[Item], settings: Sampling) -> DeviceImages:
+        """The batch's images where the pipeline made them: ``(len(batch), 3, H, W)`` in [0, 1].
+
+        Sets :attr:`last_timing` (pipeline, text and VAE seconds) and :attr:`last_call` (the
+        call's wall-clock start and seconds, for the batch event)."""
         self._configure_pruning(settings.pruning)
         if self.faults:
             self.faults.before_batch(batch)
         recording = self.macs_counter.recording() if self.macs_counter else nullcontext()
-        start = time.perf_counter()
+        start, wall = time.perf_counter(), time.time()
         with recording, metrics.PhaseTimer(self.pipe, self._sync) as timer:
             out = self._call_pipeline(batch, settings)
-        self.last_timing = {"pipeline": time.perf_counter() - start, **timer.seconds}
-        images = np.asarray(out.images)
-        return self.faults.after_batch(batch, images) if self.faults else images
+        seconds = time.perf_counter() - start
+        self.last_timing = {"pipeline": seconds, **timer.seconds}
+        self.last_call = {"call_start": round(wall, 4), "call_s": round(seconds, 4)}
+        images = out.images
+        if self.faults:
+            images = self.faults.after_batch(batch, images)
+        return DeviceImages.handoff(images)
 
     def _call_pipeline(self, batch: list[Item], settings: Sampling) -> Any:
         kwargs: dict[str, Any] = dict(self._call_kwargs)
@@ -323,7 +455,7 @@ class Worker:
             height=settings.height,
             width=settings.width,
             generator=[image_generator(it.seed) for it in batch],
-            output_type="np",
+            output_type="pt",
             **kwargs,
         )
 
@@ -377,12 +509,18 @@ class Worker:
         self.macs_counter = (
             metrics.MacsCounter(transformer) if spec.macs and transformer is not None else None
         )
-        self._prompt_limits: dict[int | None, list] = {}  # by max_sequence_length
+        # copies of the pipeline's tokenizers with their limits, by max_sequence_length: the
+        # pool checks truncation while the pipeline's own tokenizers are busy in its calls
+        self._prompt_limits: dict[int | None, list[tuple[Any, int]]] = {}
+        self._tokenizers_lock = threading.Lock()
         self.devices_held = metrics.devices_held(self.device, self.manifest.ray.resources.gpus)
         self.price = metrics.price_for(spec.price_per_gpu_hour, self.device_name)
-        self._sync = torch.cuda.synchronize if self.device.startswith("cuda") else None
+        # phase timings wait for this thread's stream only, not for the pool's side streams
+        self._sync = _stream_sync if self.device.startswith("cuda") else None
         self.warmed_up = False  # the first batch that runs is the warm-up batch
         self.last_timing: dict[str, float] = {}
+        self.last_call: dict[str, float] = {}
+        self._clip_lock = threading.Lock()  # one CLIP scoring at a time (its tokenizer, memory)
         self.notes: list[str] = []
         weights = spec.clip.weights and self.manifest.resolve_path(spec.clip.weights)
         model = spec.clip.model
@@ -400,8 +538,9 @@ class Worker:
                 self._note(f"CLIP model not loaded ({type(e).__name__}: {e})")
 
     def _note(self, message: str) -> None:
-        if message not in self.notes:
-            self.notes.append(message)
+        with self._lock:
+            if message not in self.notes:
+                self.notes.append(message)
 
     def metrics_info(self) -> dict[str, Any]:
         """For the run record: how MACs, cost and the CLIP score are obtained, or why not."""
@@ -418,16 +557,20 @@ class Worker:
         }
 
     def _clip_scores(
-        self, batch: list[Item], images: np.ndarray | None, finite: list[bool]
+        self, batch: list[Item], quantized: torch.Tensor, finite: list[bool]
     ) -> tuple[list[float | None], float | None]:
-        """CLIP scores of the finite images (None where not scored) and the seconds it took."""
+        """CLIP scores of the finite images, from the 8-bit images on their device, in one
+        batch (None where not scored), and the seconds it took."""
         scores: list[float | None] = [None] * len(batch)
         todo = [n for n in range(len(batch)) if finite[n]]
-        if self.clip is None or images is None or not todo:
+        if self.clip is None or not todo:
             return scores, None
         start = time.perf_counter()
         try:
-            values = self.clip.score(images[todo], [batch[n].prompt.prompt for n in todo])
+            with self._clip_lock:
+                values = self.clip.score_tensor(
+                    quantized[todo], [batch[n].prompt.prompt for n in todo]
+                )
         except Exception as e:  # noqa: BLE001 - a scoring failure leaves the score empty
             self._note(f"CLIP scoring failed ({type(e).__name__}: {e})")
             return scores, None
@@ -436,7 +579,7 @@ class Worker:
         return scores, time.perf_counter() - start
 
     def _batch_metrics(
-        self, batch: list[Item], settings: Sampling, latency: float, t_score: float | None
+        self, batch: list[Item], settings: Sampling, latency: float
     ) -> dict[str, Any]:
         """Metrics shared by the images of a batch that ran (per image: batch value / size)."""
         n = len(batch)
@@ -448,7 +591,6 @@ class Worker:
             "t_text_s": text / n,
             "t_denoise_s": max(timing.get("pipeline", 0.0) - text - vae, 0.0) / n,
             "t_vae_s": vae / n,
-            "t_score_s": None if t_score is None else t_score / n,
             "warmup": warmup,
             "gpu_seconds": gpu_seconds,
             "cost_usd": metrics.cost_usd(gpu_seconds, self.price),
@@ -472,16 +614,24 @@ class Worker:
             self._note(f"MACs not counted ({type(e).__name__}: {e})")
             return None
 
-    def _sample_metrics(
-        self, it: Item, score: float | None, settings: Sampling, pixels: np.ndarray
-    ) -> dict[str, Any]:
+    def _limits(self, settings: Sampling) -> list[tuple[Any, int]]:
+        """Each text encoder's tokenizer (a copy, made once in the pipeline's thread) and token
+        limit, for :func:`metrics.is_truncated` in the pool."""
         length = settings.max_sequence_length
         if length not in self._prompt_limits:
-            self._prompt_limits[length] = metrics.prompt_limits(self.pipe, length)
+            limits = metrics.prompt_limits(self.pipe, length)
+            self._prompt_limits[length] = [(copy.deepcopy(tok), n) for tok, n in limits]
+        return self._prompt_limits[length]
+
+    def _sample_metrics(
+        self, it: Item, score: float | None, pixels: np.ndarray, limits: list[tuple[Any, int]]
+    ) -> dict[str, Any]:
+        with self._tokenizers_lock:  # a tokenizer is not for two threads at once
+            truncated = metrics.is_truncated(it.prompt.prompt, limits)
         out = {
             "clip_score": score,
             "clip_model": None if score is None else self.clip_setup.label,
-            "prompt_truncated": metrics.is_truncated(it.prompt.prompt, self._prompt_limits[length]),
+            "prompt_truncated": truncated,
         }
         if self.adherence is not None:
             try:
@@ -498,6 +648,6 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _to_uint8(img: np.ndarray) -> np.ndarray:
-    """As diffusers' ``numpy_to_pil``: round(x * 255)."""
-    return (np.clip(img, 0.0, 1.0) * 255).round().astype("uint8")
+def _stream_sync() -> None:
+    """Wait for the work queued on this thread's CUDA stream."""
+    torch.cuda.current_stream().synchronize()

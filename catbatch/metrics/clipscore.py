@@ -166,6 +166,18 @@ class ClipScorer:
         tokens = self.tokenizer(prompts).to(self.device)  # truncated to the context length
         return self.model.encode_image(pixels), self.model.encode_text(tokens)
 
+    @torch.no_grad()
+    def score_tensor(self, images: torch.Tensor, prompts: list[str]) -> list[float]:
+        """Scores of paired 8-bit images ``(B, 3, H, W)`` (uint8, on any device), preprocessed
+        on the model's device as one batch: open_clip's transform applied to the tensor (its
+        resize is torchvision's antialiased one, close to the PIL path of :meth:`score`)."""
+        if not len(images):
+            return []
+        pixels = self.preprocess(images.to(self.device).float() / 255)
+        tokens = self.tokenizer(list(prompts)).to(self.device)
+        features = self.model.encode_image(pixels), self.model.encode_text(tokens)
+        return [float(s) for s in clip_score(*features).cpu()]
+
     def score(self, images: list[Image.Image] | np.ndarray, prompts: list[str]) -> list[float]:
         """Scores of paired images (PIL, or uint8 / [0, 1] float arrays ``(B, H, W, 3)``)."""
         if isinstance(images, np.ndarray):

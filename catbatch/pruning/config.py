@@ -14,6 +14,14 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 STRATEGIES = ("cat", "noise", "random", "sequential", "at-edm")
+STREAMS = ("full", "krow")
+CUDA_GRAPHS = ("auto", "on", "off")
+
+# Settings that change how a run executes, not its images: recorded, never fingerprinted.
+EXECUTION_FIELDS = ("cuda_graphs",)
+# Settings added after outputs were written, with the value those outputs were made with: a
+# fingerprint leaves them out at that value, so such outputs still resume.
+LEGACY_VALUES: dict[str, Any] = {"stream": "krow"}
 
 
 class PruningConfigError(ValueError):
@@ -45,6 +53,16 @@ class CATConfig:
         kmeans_iters: Lloyd iterations of the on-device KMeans (fixed, no host sync).
         seed: seed of KMeans initialisation and of the ``random`` strategy.
         attention_block: block whose attention map drives ``at-edm`` (-1: the middle block).
+        stream: ``full`` (default): every image token stays in the residual stream; tokens
+            not computed advance with their cached attention / feed-forward outputs, the final
+            norm and projection run for all tokens and the selector scores this raw output
+            (the notes' reference design). ``krow``: only the ``K`` computed rows flow
+            through the blocks and the selector scores the merged (reused) output, so a token
+            keeps the score of the step it was last computed. Both give the same output
+            for the same index sets; only the scores (hence the selection) differ.
+        cuda_graphs: ``auto`` (capture on a CUDA device below a token count), ``on`` or
+            ``off``. Capture the pruned step and the selector step as CUDA graphs; never
+            changes the images (not part of a run's fingerprint). The CPU always runs eagerly.
     """
 
     alpha: float = 0.3
@@ -59,8 +77,12 @@ class CATConfig:
     kmeans_iters: int = 20
     seed: int = 0
     attention_block: int = -1
+    stream: str = "full"
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
+        if isinstance(self.cuda_graphs, bool):  # YAML reads a bare on/off as a boolean
+            object.__setattr__(self, "cuda_graphs", "on" if self.cuda_graphs else "off")
         self.validate()
 
     # -- validation -------------------------------------------------------------------------
@@ -95,6 +117,8 @@ class CATConfig:
             ),
             ("seed", _is_int(self.seed), "an integer"),
             ("attention_block", _is_int(self.attention_block), "an integer (-1: middle block)"),
+            ("stream", self.stream in STREAMS, " | ".join(STREAMS)),
+            ("cuda_graphs", self.cuda_graphs in CUDA_GRAPHS, " | ".join(CUDA_GRAPHS)),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -114,7 +138,20 @@ class CATConfig:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting, with ``method: cat`` (what a manifest's ``pruning`` section holds)."""
         return {"method": "cat", **asdict(self)}
+
+    @staticmethod
+    def fingerprint_dict(section: dict[str, Any]) -> dict[str, Any]:
+        """The part of a ``to_dict()`` section that decides the images: without
+        :data:`EXECUTION_FIELDS`, and without a :data:`LEGACY_VALUES` field at its legacy value
+        (so outputs written before that field existed keep their fingerprint)."""
+        return {
+            key: value
+            for key, value in section.items()
+            if key not in EXECUTION_FIELDS
+            and not (key in LEGACY_VALUES and value == LEGACY_VALUES[key])
+        }
 
     # -- derived quantities -------------------------------------------------------------------
     @property

@@ -2,9 +2,10 @@
 
 Shaped like diffusers' ``hooks/`` techniques: a config (:class:`CATConfig`), a state with
 ``reset()`` (:class:`CATState`), a stateful :class:`CATHook` whose ``new_forward`` replaces the
-transformer forward with the pruned step of :mod:`catbatch.pruning.forward`, and one public
-:func:`apply_cat`. The per-step path has no host synchronisation (except the timestep read that
-detects a new generation on a bare transformer; see :class:`CATState`).
+transformer forward with the CAT step of :mod:`catbatch.pruning.engine`, and one public
+:func:`apply_cat`. The state owns the timeline and the selection; the engine owns the buffers.
+The per-step path has no host synchronisation (except the timestep read that detects a new
+generation on a bare transformer; see :class:`CATState`).
 """
 
 from __future__ import annotations
@@ -22,15 +23,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import Tensor
 
 from .config import CATConfig
-from .forward import (
-    attention_module_name,
-    cat_processors,
-    model_family,
-    noise_channels,
-    run_step,
-    token_grid,
-)
-from .processors import PruneContext
+from .core import IndexSet, noise_channels
+from .engine import Engine, StepResult, attention_module_name, cat_processors, family_of
 from .selection import Selector, make_selector
 
 HOOK_NAME = "cat_pruning"
@@ -50,14 +44,14 @@ class CATState(BaseState):
         force_indices: ``None`` (the selector decides), ``"all"`` (every token, in order, at
             every pruned step: ``K = N``) or a ``(B, K)`` int64 tensor used at every pruned step.
             A forced index set bypasses the selector.
+        engine: the :class:`~catbatch.pruning.engine.Engine` (buffers kept across generations).
 
     Per generation:
         step: 0-based index of the next transformer call.
-        idx: ``(B, K)`` tokens for the next pruned step (from the selector), or None.
-        prev_tokens: merged output ``(R, N, p*p*C_out)`` of the previous step.
         reference: conditional output of step ``s + 1`` (what the selector compares against).
-        context: the processors' :class:`PruneContext` (per-block K/V caches).
-        full_steps, pruned_steps: how many steps of each kind ran.
+        full_steps, pruned_steps: how many steps of each kind the current (or, after it, the
+            last) generation ran; zeroed by its first step, not by ``reset()``, because
+            diffusers resets stateful hooks at the end of a call (FLUX's ``CacheMixin``).
     """
 
     def __init__(
@@ -74,23 +68,23 @@ class CATState(BaseState):
         self.force_indices: str | Tensor | None = None
         self.selector_factory = selector_factory or make_selector
         self.selector: Selector | None = None
-        self.context = PruneContext()
+        self.engine: Engine | None = None
         self.generations = 0
+        self.full_steps = 0
+        self.pruned_steps = 0
         self._selector_key: tuple[Any, ...] | None = None
-        self._text_key: tuple[Any, ...] | None = None
         self.reset()
 
     def reset(self) -> None:
-        """Forget the current generation (caches, indices, outputs, selector state, counters)."""
+        """Forget the current generation (indices, outputs, selector state); the buffers stay
+        allocated and are rewritten by the next generation's full steps."""
         self.step = 0
-        self.idx: Tensor | None = None
-        self.prev_tokens: Tensor | None = None
         self.reference: Tensor | None = None
-        self.full_steps = 0
-        self.pruned_steps = 0
-        self.context.clear()
-        self._text_key = None
+        self._has_index = False
+        self._shape: tuple[int, int] | None = None
         self._last_timestep: float | None = None
+        if self.engine is not None:
+            self.engine.new_generation()
         if self.selector is not None:
             self.selector.reset()
 
@@ -100,56 +94,93 @@ class CATState(BaseState):
         hidden_states: Tensor = inputs["hidden_states"]
         if self.auto_reset:
             self._reset_if_new_generation(inputs["timestep"])
-        self._drop_stale_text_cache(inputs["encoder_hidden_states"])
         rows = hidden_states.shape[0]
         if self.cfg and rows % 2:
             raise ValueError(f"cfg=True needs an even number of batch rows, got {rows}")
         batch = rows // 2 if self.cfg else rows
-        grid = token_grid(model, hidden_states)
-        n_tokens = grid[0] * grid[1]
-        if self.prev_tokens is not None and self.prev_tokens.shape[:2] != (rows, n_tokens):
+        engine = self._engine(model)
+        buffers = engine.prepare(model, inputs, batch)
+        n_tokens = buffers.key.n_tokens
+        if self._shape is not None and self._shape != (rows, n_tokens):
             raise RuntimeError("the input shape changed within a generation; call reset() first")
+        self._shape = (rows, n_tokens)
         if self.step == 0:
             self.generations += 1
+            self.full_steps = self.pruned_steps = 0
 
         i, config = self.step, self.config
-        idx = None
-        if i >= config.first_pruned_step:
-            idx = self._indices(batch, n_tokens, hidden_states.device)
+        grid = engine.grid(model, inputs)
+        indices = buffers.index_set(self._k(n_tokens))
+        pruned = i >= config.first_pruned_step
+        if pruned:
+            self._load_forced(indices, batch, n_tokens)
         selector = None
         if self.force_indices is None and i >= config.reference_step:
             selector = self._selector(grid, batch, hidden_states.device)
-        record = selector is not None and selector.needs_attention and i >= config.cluster_step
-        self.context.attention_module = (
-            attention_module_name(model, config.attention_block) if record else None
-        )
+        record = None
+        if selector is not None and selector.needs_attention and i >= config.cluster_step:
+            record = attention_module_name(model, config.attention_block)
 
-        idx_rows = None if idx is None else (idx.repeat(2, 1) if self.cfg else idx)
-        output, tokens = run_step(model, self.context, inputs, idx_rows, self.prev_tokens)
-        self.prev_tokens = tokens
-        if idx is None:
-            self.full_steps += 1
-        else:
+        def full_step(view: dict[str, Any], fill: bool) -> StepResult:
+            return engine.step(model, view, buffers, None, fill=fill, record=record)
+
+        def pruned_step(view: dict[str, Any]) -> Tensor:
+            result = engine.step(model, view, buffers, indices, record=record)
+            if selector is not None:  # the selector step, in the same (captured) call
+                self._select(selector, i, result, indices, batch, model)
+            return result.output
+
+        graphs = engine.graphs_for(buffers) if pruned or record is None else None
+        names = engine.family.step_inputs
+        if pruned:
+            if graphs is None:
+                output = pruned_step(inputs)
+            else:
+                key = ("pruned", indices.k, id(selector), record, engine.stream, self.cfg)
+                output = graphs.run(key, pruned_step, inputs, names)
             self.pruned_steps += 1
-
-        if selector is not None:
-            self._select(selector, i, tokens, idx, batch, model)
+        else:
+            if graphs is None:
+                fill = i + 1 >= config.first_pruned_step
+                result = full_step(inputs, fill)
+            else:  # one graph for every full step: it always keeps the branch outputs
+                output = graphs.run(("full",), lambda v: full_step(v, True).output, inputs, names)
+                result = StepResult(output, buffers.merged, None)
+            if selector is not None:
+                self._select(selector, i, result, indices, batch, model)
+            output = result.output
+            self.full_steps += 1
         self.step += 1
         return output
 
-    def _indices(self, batch: int, n_tokens: int, device: torch.device) -> Tensor:
+    def _engine(self, model: torch.nn.Module) -> Engine:
+        if self.engine is None:
+            self.engine = Engine(model, self.config.stream, self.config.cuda_graphs)
+        return self.engine
+
+    def _k(self, n_tokens: int) -> int:
         forced = self.force_indices
         if isinstance(forced, str):
             if forced != "all":
                 raise ValueError(f"force_indices must be None, 'all' or a tensor, got {forced!r}")
-            return torch.arange(n_tokens, device=device).expand(batch, n_tokens)
+            return n_tokens
         if forced is not None:
+            return forced.shape[-1]
+        return self.config.num_selected(n_tokens)
+
+    def _load_forced(self, indices: IndexSet, batch: int, n_tokens: int) -> None:
+        """Write a forced index set for this pruned step (or check the selector wrote one)."""
+        forced = self.force_indices
+        if isinstance(forced, str):
+            indices.index.copy_(
+                torch.arange(n_tokens, device=indices.index.device).expand(batch, -1)
+            )
+        elif forced is not None:
             if forced.dim() != 2 or forced.shape[0] != batch:
                 raise ValueError(f"force_indices must be ({batch}, K), got {tuple(forced.shape)}")
-            return forced.to(device=device, dtype=torch.long)
-        if self.idx is None:
+            indices.index.copy_(forced)
+        elif not self._has_index:
             raise RuntimeError("no index set for a pruned step; was the selector skipped?")
-        return self.idx
 
     def _selector(self, grid: tuple[int, int], batch: int, device: torch.device) -> Selector:
         key = (grid, batch, device)
@@ -162,38 +193,31 @@ class CATState(BaseState):
         self,
         selector: Selector,
         i: int,
-        tokens: Tensor,
-        idx: Tensor | None,
+        result: StepResult,
+        indices: IndexSet,
         batch: int,
         model: torch.nn.Module,
     ) -> None:
         """Feed the step's conditional output to the selector on the notes' timeline."""
         config = self.config
-        cond = noise_channels(model, tokens[batch:] if self.cfg else tokens)
-        attn = self.context.attention
+        cond = noise_channels(model, result.scores[batch:] if self.cfg else result.scores)
+        attn = result.attention
         if attn is not None and self.cfg:
             attn = attn[batch:]
-        self.context.attention = None
         if i == config.reference_step:
             self.reference = cond
             selector.set_reference(cond)
         elif i == config.cluster_step:
-            self.idx = selector.start(cond, attn)
+            indices.index.copy_(selector.start(cond, attn))
+            self._has_index = True
         elif i >= config.first_pruned_step:
-            self.idx = selector.step(cond, idx, attn)
+            indices.index.copy_(selector.step(cond, indices.index, attn))
 
     def _reset_if_new_generation(self, timestep: Tensor | float) -> None:
         t = float(timestep.flatten()[0]) if isinstance(timestep, Tensor) else float(timestep)
         if self._last_timestep is not None and t >= self._last_timestep:
             self.reset()
         self._last_timestep = t
-
-    def _drop_stale_text_cache(self, encoder_hidden_states: Tensor) -> None:
-        """PixArt's text K/V are cached per prompt tensor; a different tensor drops them."""
-        key = (encoder_hidden_states.data_ptr(), tuple(encoder_hidden_states.shape))
-        if key != self._text_key:
-            self.context.text_kv = {}
-            self._text_key = key
 
 
 class CATHook(ModelHook):
@@ -209,7 +233,7 @@ class CATHook(ModelHook):
 
     def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
         self._signature = inspect.signature(type(module).forward)
-        processors = cat_processors(module, self.state.context)
+        processors = cat_processors(module)
         self._original_processors = {attn: attn.processor for attn in processors}
         for attn, processor in processors.items():
             attn.set_processor(processor)
@@ -225,7 +249,8 @@ class CATHook(ModelHook):
         bound = self._signature.bind(module, *args, **kwargs)
         bound.apply_defaults()
         inputs = dict(bound.arguments)
-        output = self.state.run(module, inputs)
+        with torch.no_grad():
+            output = self.state.run(module, inputs)
         if not inputs.get("return_dict", True):
             return (output,)
         return Transformer2DModelOutput(sample=output)
@@ -252,8 +277,10 @@ def _cat_pipeline_class(base: type) -> type:
             if state is not None:
                 bound = signature.bind(self, *args, **kwargs)
                 bound.apply_defaults()
+                family = family_of(self.transformer)
+                family.check_call(bound.arguments)
                 state.reset()
-                state.cfg = _uses_cfg(self, bound.arguments)
+                state.cfg = family.cfg and _uses_cfg(self, bound.arguments)
             return original_call(self, *args, **kwargs)
 
         attrs = {"__call__": __call__, "__module__": base.__module__, "_cat_base_class": base}
@@ -264,7 +291,8 @@ def _cat_pipeline_class(base: type) -> type:
 
 
 def _uses_cfg(pipe: Any, arguments: dict[str, Any]) -> bool:
-    """Whether this call batches ``[uncond, cond]``: diffusers' rule ``guidance_scale > 1``.
+    """Whether this call of a CFG family's pipeline batches ``[uncond, cond]``: diffusers' rule
+    ``guidance_scale > 1`` (guidance-distilled families, FLUX.1, never do: ``Family.cfg``).
 
     SD3 exposes it as ``pipe.do_classifier_free_guidance`` (set from the same argument);
     PixArt only has the local ``guidance_scale > 1.0``.
@@ -281,12 +309,12 @@ def _uses_cfg(pipe: Any, arguments: dict[str, Any]) -> bool:
 def _split(obj: Any) -> tuple[torch.nn.Module, Any]:
     """``(transformer, pipeline or None)`` for a pipeline or a bare transformer."""
     if isinstance(obj, torch.nn.Module):
-        model_family(obj)
+        family_of(obj)
         return obj, None
     transformer = getattr(obj, "transformer", None)
     if transformer is None:
         raise TypeError(f"expected a diffusers pipeline with a transformer, got {type(obj)!r}")
-    model_family(transformer)
+    family_of(transformer)
     return transformer, obj
 
 
@@ -302,16 +330,19 @@ def apply_cat(
     obj: Any,
     config: CATConfig | None = None,
     *,
-    cfg: bool = True,
+    cfg: bool | None = None,
     selector_factory: SelectorFactory | None = None,
     **config_kwargs: Any,
 ) -> CATState:
-    """Apply CAT pruning to a diffusers pipeline or its transformer (SD3, SD3.5, PixArt-Sigma).
+    """Apply CAT pruning to a diffusers pipeline or its transformer (SD3, SD3.5, PixArt-Sigma,
+    FLUX.1).
 
     ``apply_cat(pipe, CATConfig(alpha=0.3))`` or ``apply_cat(pipe, alpha=0.3)``. On a pipeline the
-    state resets at every call and CFG follows the call's ``guidance_scale``; on a bare
-    transformer a new generation is detected when the timestep does not decrease, and ``cfg``
-    says whether the batch is ``[uncond..., cond...]``. Applying again replaces the old setup.
+    state resets at every call and CFG follows the call's ``guidance_scale`` (FLUX.1's guidance
+    is an input embedding: one row per image); on a bare transformer a new generation is
+    detected when the timestep does not decrease, and ``cfg`` says whether the batch is
+    ``[uncond..., cond...]`` (default: the family's, True except for FLUX.1). Applying again
+    replaces the old setup.
     Returns the :class:`CATState` (counters, ``force_indices``, ``reset()``).
     """
     if config is None:
@@ -320,10 +351,13 @@ def apply_cat(
         config = dataclasses.replace(config, **config_kwargs)
     transformer, pipeline = _split(obj)
     attention_module_name(transformer, config.attention_block)  # in range
+    if cfg is None:
+        cfg = family_of(transformer).cfg
     remove_cat(obj)
     state = CATState(
         config, cfg=cfg, auto_reset=pipeline is None, selector_factory=selector_factory
     )
+    state.engine = Engine(transformer, config.stream, config.cuda_graphs)
     registry = HookRegistry.check_if_exists_or_initialize(transformer)
     try:
         registry.register_hook(CATHook(state), HOOK_NAME)

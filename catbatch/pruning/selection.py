@@ -300,12 +300,20 @@ class CATSelector(Selector):
     added while fewer than or exactly ``hot_fraction * K`` tokens are taken; then the
     least-frequent other tokens up to ``K``. If the hot part exceeds ``K`` its lowest-priority
     tokens are dropped. Frequency ties: higher score first, then lower index.
+
+    ``step()`` is written for few kernels (<= 40 dispatched ops when the hot part always fits
+    in ``K``, which holds for ``hot_fraction <= 0.85``): what depends only on the clusters is
+    computed once by ``start()`` into buffers updated in place; without graph pooling the
+    cluster score is the L2 norm of the channel-wise maximum of ``|delta|`` (the signed maximum
+    has the same magnitudes); ranks inside a cluster come from one sort of a composite key and
+    the positions of the label-sorted order; the walk needs only how many tokens each cluster
+    can give (``min(size, quota)``), which depends on the sizes, not on the scores.
     """
 
     def __init__(self, config, grid, batch, device):
         super().__init__(config, grid, batch, device)
         self.n_clusters = min(config.n_clusters, self.n)
-        nc, dev = self.n_clusters, self.device
+        nc, dev, b, n = self.n_clusters, self.device, self.batch, self.n
         self.first_quota = max(1, self.k // 10)
         self.unit = max(1, self.k // 20)
         self.hot_budget = config.hot_fraction * self.k
@@ -315,10 +323,25 @@ class CATSelector(Selector):
             top[1] = 2 * self.unit
         self._quota_top = top
         self._quota_stale = torch.where(torch.arange(nc, device=dev) == 0, 0, top // 2)
-        self._labels = _state(torch.zeros(self.batch, self.n, dtype=torch.int64, device=dev))
-        self._sizes = _state(torch.zeros(self.batch, nc, dtype=torch.int64, device=dev))
-        self._adjacency = _state(torch.zeros(self.batch, nc, nc, dtype=torch.bool, device=dev))
-        self._freq = _state(torch.zeros(self.batch, self.n, device=dev))
+        self._quota_total = self._quota_top + self._quota_stale
+        self._hot_fits = self.max_hot_tokens <= self.k
+        self._labels = _state(torch.zeros(b, n, dtype=torch.int64, device=dev))
+        self._sizes = _state(torch.zeros(b, nc, dtype=torch.int64, device=dev))
+        self._adjacency = _state(torch.zeros(b, nc, nc, dtype=torch.bool, device=dev))
+        self._freq = _state(torch.zeros(b, n, device=dev))
+        # Per generation, written by start(): composite-key bases, ranks inside the
+        # label-sorted order, the empty-cluster bias (-inf) for the cluster ranking.
+        self._label_n = _state(torch.zeros(b, n, dtype=torch.int64, device=dev))
+        self._label_2n = _state(torch.zeros(b, n, dtype=torch.int64, device=dev))
+        self._within = _state(torch.zeros(b, n, dtype=torch.int64, device=dev))
+        self._empty = _state(torch.zeros(b, nc, device=dev))
+        # Constants.
+        self._positions = torch.arange(n, device=dev).repeat(b, 1)
+        self._cluster_positions = torch.arange(nc, device=dev).repeat(b, 1)
+        self._ones = torch.ones(b, self.k, device=dev)
+        self._first = torch.tensor(-1, device=dev)  # key of a hot token: before any stale one
+        self._cluster_zeros: Tensor | None = None  # (B, nc, C), made by start()
+        self._label_index: Tensor | None = None  # labels expanded over C channels (a view)
 
     def reset(self) -> None:
         super().reset()
@@ -349,13 +372,14 @@ class CATSelector(Selector):
     # -- clustering step ----------------------------------------------------------------------
     def start(self, out: Tensor, attn: Tensor | None = None) -> Tensor:
         delta = self._delta(out)
-        cfg, nc = self.config, self.n_clusters
+        cfg, nc, n = self.config, self.n_clusters, self.n
         pos = clustering.positional_encoding(self.grid, out.shape[-1], self.device)
         features = cfg.feature_weight * out.float() + cfg.position_weight * pos
         self._labels.copy_(clustering.kmeans(features, nc, cfg.kmeans_iters))
         self._sizes.copy_(clustering.cluster_sizes(self._labels, nc))
         self._adjacency.copy_(clustering.cluster_adjacency(self._labels, self.grid, nc))
         self._freq.zero_()
+        self._prepare_step(out.shape[-1])
 
         vectors = clustering.signed_max(delta, self._labels, nc)
         if cfg.graph_pooling:
@@ -363,44 +387,70 @@ class CATSelector(Selector):
         cluster_rank = self._cluster_rank(vectors)
         score_rank = descending_rank(torch.linalg.vector_norm(delta, dim=-1))
         rank_of_token = cluster_rank.gather(1, self._labels)
-        within = ranks_within_groups(self._labels, score_rank, nc, self.n)
+        within = ranks_within_groups(self._labels, score_rank, nc, n)
         walk = within < self.first_quota
-        key = torch.where(walk, rank_of_token * self.n + within, nc * self.n + score_rank)
+        key = torch.where(walk, rank_of_token * n + within, nc * n + score_rank)
         return smallest_keys(key, self.k)
+
+    def _prepare_step(self, channels: int) -> None:
+        """What ``step()`` needs of the clusters, in place (fixed addresses for CUDA graphs)."""
+        labels, sizes, n = self._labels, self._sizes, self.n
+        self._label_n.copy_(labels * n)
+        self._label_2n.copy_(labels * (2 * n))
+        starts = sizes.cumsum(1) - sizes
+        label_sorted = labels.sort(dim=1).values
+        self._within.copy_(self._positions - starts.gather(1, label_sorted))
+        self._empty.copy_(torch.where(sizes > 0, 0.0, float("-inf")))
+        shape = (self.batch, self.n_clusters, channels)
+        if self._cluster_zeros is None or self._cluster_zeros.shape != shape:
+            self._cluster_zeros = torch.zeros(shape, device=self.device)
+            self._label_index = labels.unsqueeze(-1).expand(-1, -1, channels)
 
     # -- pruned steps ---------------------------------------------------------------------------
     def step(self, out: Tensor, computed: Tensor, attn: Tensor | None = None) -> Tensor:
         self._check_computed(computed)
-        delta = self._delta(out)
-        n, nc = self.n, self.n_clusters
-        hit = torch.zeros_like(self._freq).scatter_(1, computed, 1.0)
-        self._freq.mul_(self.config.ewma_decay).add_(hit)
+        self._check_out(out)
+        if not self._has_ref or self._ref is None:
+            raise RuntimeError("set_reference() must be called before start()/step()")
+        n, pos, within = self.n, self._positions, self._within
+        delta = torch.sub(out, self._ref)  # float32 (the reference is)
+        self._freq.mul_(self.config.ewma_decay).scatter_add_(1, computed, self._ones)
 
-        score_rank = descending_rank(torch.linalg.vector_norm(delta, dim=-1))
-        freq_rank = ascending_rank(self._freq, score_rank)
-        cluster_rank = self._cluster_rank(clustering.signed_max(delta, self._labels, nc))
-        rank_of_token = cluster_rank.gather(1, self._labels)
+        # Token order by score (ties: lower index), by frequency (ties: higher score).
+        score_order = torch.sort(
+            torch.linalg.vector_norm(delta, dim=-1), dim=1, descending=True, stable=True
+        ).indices
+        score_rank = pos.scatter(1, score_order, pos)
+        inner = torch.sort(self._freq.gather(1, score_order), dim=1, stable=True).indices
+        freq_rank = pos.scatter(1, score_order.gather(1, inner), pos)
+
+        # Clusters by the L2 norm of their channel-wise max |delta| (empty ones last).
+        cluster_max = self._cluster_zeros.scatter_reduce(
+            1, self._label_index, delta.abs(), reduce="amax", include_self=True
+        )
+        cluster_score = torch.linalg.vector_norm(cluster_max, dim=-1) + self._empty
+        cluster_order = torch.sort(cluster_score, dim=1, descending=True, stable=True).indices
+        rank_of_token = self._cluster_positions.scatter(
+            1, cluster_order, self._cluster_positions
+        ).gather(1, self._labels)
 
         # Inside each cluster: top `quota` by score, then `quota // 2` least frequent of the rest.
-        quota_top = self._quota_top[cluster_rank].gather(1, self._labels)
-        quota_stale = self._quota_stale[cluster_rank].gather(1, self._labels)
-        by_score = ranks_within_groups(self._labels, score_rank, nc, n)
-        in_top = by_score < quota_top
-        by_freq = ranks_within_groups(
-            self._labels, torch.where(in_top, n + freq_rank, freq_rank), nc, 2 * n
-        )
-        in_stale = ~in_top & (by_freq < quota_stale)
-        taken = in_top | in_stale
+        by_score = pos.scatter(1, torch.sort(self._label_n + score_rank, dim=1).indices, within)
+        in_top = by_score < self._quota_top[rank_of_token]
+        key = (self._label_2n + freq_rank).add_(in_top, alpha=n)
+        by_freq = pos.scatter(1, torch.sort(key, dim=1).indices, within)
+        taken = in_top | (by_freq < self._quota_stale[rank_of_token])
+        if self.hot_budget <= 0:
+            return smallest_keys(freq_rank, self.k)
 
-        # Walk clusters by rank; stop once more than hot_budget tokens are taken.
-        per_cluster = torch.zeros_like(self._sizes).scatter_add_(1, self._labels, taken.long())
-        per_rank = torch.zeros_like(per_cluster).scatter_(1, cluster_rank, per_cluster)
-        before = per_rank.cumsum(1) - per_rank
-        walk = (before <= self.hot_budget) & (self.hot_budget > 0)
-        hot = taken & walk.gather(1, rank_of_token)
-
-        priority = rank_of_token * (2 * n) + torch.where(in_top, by_score, n + by_freq)
-        key = torch.where(hot, priority, nc * 2 * n + freq_rank)
+        # Walk clusters by rank while at most hot_budget tokens are taken before each.
+        per_rank = torch.minimum(self._sizes.gather(1, cluster_order), self._quota_total)
+        reached = (per_rank.cumsum(1) <= self.hot_budget).sum(1, keepdim=True)
+        hot = taken & (rank_of_token <= reached)
+        if self._hot_fits:  # every hot token is taken: only the stale part is ranked
+            return smallest_keys(torch.where(hot, self._first, freq_rank), self.k)
+        priority = rank_of_token * (2 * n) + torch.where(in_top, score_rank, n + freq_rank)
+        key = torch.where(hot, priority, self.n_clusters * 2 * n + freq_rank)
         return smallest_keys(key, self.k)
 
     def _cluster_rank(self, vectors: Tensor) -> Tensor:
