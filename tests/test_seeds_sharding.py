@@ -68,7 +68,28 @@ def test_tasks_cover_every_variant_and_shard_once(tmp_path):
     keys = [t.key for t in tasks]
     assert len(keys) == len(set(keys)) == 6
     assert keys[:2] == ["full/shard-00000", "cat/shard-00000"]
-    assert tasks[0].shard is tasks[1].shard  # one reference per shard, shared by its variants
+    assert tasks[0].shard == tasks[1].shard and tasks.prompts() == 2 * 5
+
+
+def test_the_pools_queue_puts_back_first_and_retries_last_taking_the_list_lazily():
+    """Tasks put back go first (in order), then the rest of the list, then retries; the list is
+    read one task at a time (a compact list is never copied whole)."""
+    from catbatch.job.distributor import _Queue
+
+    class Listed(list):
+        read: list[int] = []
+
+        def __getitem__(self, i):
+            self.read.append(i)
+            return super().__getitem__(i)
+
+    queue = _Queue(Listed("abcde"))
+    assert (queue.popleft(), queue.popleft(), len(queue)) == ("a", "b", 3)
+    assert Listed.read == [0, 1]
+    queue.append("b")  # b failed: retried after the rest
+    queue.extendleft(["x", "y"])  # put back unstarted
+    assert list(queue) == ["x", "y", "c", "d", "e", "b"] and len(queue) == 6
+    assert [queue.popleft() for _ in range(6)] == ["x", "y", "c", "d", "e", "b"] and not queue
 
 
 MANIFEST = """\

@@ -5,6 +5,7 @@ not grow with the prompt count. No model, no Ray."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import tracemalloc
@@ -22,13 +23,15 @@ from catbatch.job.prompts import PromptSource, PromptSourceError, read_prompts
 from catbatch.job.resume import plan_variant
 from catbatch.job.shardindex import (
     INDEX_DIR,
+    ShardRefs,
     SourceChanged,
+    TaskList,
     build_index,
     load_index,
     read_piece,
     save_index,
 )
-from catbatch.job.sharding import content_hash, piece_name
+from catbatch.job.sharding import Task, content_hash, piece_name
 from catbatch.job.writer import Row, write_shard
 
 TEXT = b"\xef\xbb\xbffirst\r\n\n  \nsecond\nthird\n\nfourth\nfifth\r\nsixth\nseventh"
@@ -186,6 +189,54 @@ def test_building_the_index_keeps_no_prompts_in_memory(tmp_path):
         tracemalloc.stop()
     assert index.n_prompts == 200_000 and index.n_shards == 200
     assert peak < 12 * 2**20, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_task_lists_hold_a_few_bytes_a_task_and_build_each_task_when_read(tmp_path):
+    """Every task of 100,000 shards of 2 variants at under 16 bytes a task (a Task with its
+    ShardRef is about 400 bytes): each is built as read, equal to the one made from the index
+    directly."""
+    path = tmp_path / "many.txt"
+    path.write_text("".join(f"p{i}\n" for i in range(100_000)))
+    index = build_index(PromptSource(path=str(path)), None, 1)
+    tracemalloc.start()
+    try:
+        tasks = TaskList.every_shard(index, ["full", "cat"])
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(tasks) == 200_000 and held < 16 * len(tasks), f"{held / 2**20:.1f} MiB"
+    assert tasks.prompts() == 200_000  # each prompt once per variant
+    assert tasks[-1] == Task("cat", index.ref(99_999))
+    assert [t.key for t in tasks[:3]] == ["full/shard-00000", "cat/shard-00000", "full/shard-00001"]
+
+
+def test_pending_pieces_are_ordered_by_shard_then_part_then_variant(tmp_path):
+    """Whole shards and extension pieces of two variants merge as sorting the tasks would;
+    pieces follow the index's source (moved to the output when a copy is stored)."""
+    path = tmp_path / "p.txt"
+    path.write_text("".join(f"p{i}\n" for i in range(7)))
+    index = build_index(PromptSource(path=str(path)), None, 3)
+    rest = dataclasses.replace(index.ref(1), part=1, first=2, count=1, content_hash="x")
+    full, cat = ShardRefs(index), ShardRefs(index)
+    for refs, entries in ((full, [rest, 2]), (cat, [0, rest, 2])):
+        for entry in entries:
+            refs.append(entry)
+    listed = [
+        *(Task("full", r) for r in (rest, index.ref(2))),
+        *(Task("cat", r) for r in (index.ref(0), rest, index.ref(2))),
+    ]
+    tasks = TaskList.shard_major(index, {"full": full, "cat": cat})
+    assert list(tasks) == sorted(listed, key=lambda t: (t.shard.index, t.shard.part))
+    assert [t.key for t in tasks] == [
+        "cat/shard-00000",
+        "full/shard-00001-x1",
+        "cat/shard-00001-x1",
+        "full/shard-00002",
+        "cat/shard-00002",
+    ]
+    assert tasks.prompts() == 3 + 1 + 1 + 1 + 1 and cat == [index.ref(0), rest, index.ref(2)]
+    index.source = dataclasses.replace(index.source, location="elsewhere")
+    assert {t.shard.source.location for t in tasks} == {"elsewhere"}
 
 
 def test_repeated_ids_are_found_without_keeping_every_id(tmp_path):

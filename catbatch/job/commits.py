@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import struct
 from array import array
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,28 +66,34 @@ def parse_stats(data: bytes | None) -> CommitStats | None:
     return CommitStats.of(stats) if isinstance(stats, dict) else None
 
 
+# a stats file's size, MD5 and counts, then its two hashes
+_WRITTEN = struct.Struct(f"<q16s{len(_COUNTS)}q32s32s")
+
+
 @dataclass(frozen=True, slots=True)
 class Written:
     """A stats file as its actor wrote it, as compact as the driver can hold one per commit of
-    a run: the size and MD5 of its bytes, its counts and its two hashes (as bytes)."""
+    a run: the size and MD5 of its bytes, its counts and its two hashes, packed in one bytes
+    object (about 200 bytes in all)."""
 
-    size: int
-    md5: bytes
-    counts: tuple[int, ...]
-    hashes: bytes
+    packed: bytes
 
     @classmethod
     def of(cls, stats: dict[str, Any]) -> Written:
         data = json_bytes(stats)
-        counts = tuple(int(stats.get(k) or 0) for k in _COUNTS)
-        hashes = bytes.fromhex(stats["parquet_sha256"]) + bytes.fromhex(stats["content_hash"])
-        return cls(len(data), hashlib.md5(data, usedforsecurity=False).digest(), counts, hashes)
+        counts = (int(stats.get(k) or 0) for k in _COUNTS)
+        hashes = (bytes.fromhex(stats[k]) for k in _HASHES)
+        md5 = hashlib.md5(data, usedforsecurity=False).digest()
+        return cls(_WRITTEN.pack(len(data), md5, *counts, *hashes))
 
     def matches(self, entry: FileEntry) -> bool:
-        return entry.size == self.size and entry.md5 in (None, self.md5.hex())
+        size, md5 = _WRITTEN.unpack(self.packed)[:2]
+        return entry.size == size and entry.md5 in (None, md5.hex())
 
     def stats(self) -> CommitStats:
-        return CommitStats(*self.counts, self.hashes[:32].hex(), self.hashes[32:].hex())
+        fields = _WRITTEN.unpack(self.packed)[2:]
+        n = len(_COUNTS)
+        return CommitStats(*fields[:n], *(h.hex() for h in fields[n:]))
 
 
 @dataclass

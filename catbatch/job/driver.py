@@ -8,7 +8,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,6 +35,7 @@ from catbatch.job.shardindex import (
     INDEX_FILE,
     SOURCE_CHANGED,
     ShardIndex,
+    TaskList,
     build_index,
     forget_index,
     load_index,
@@ -76,7 +77,7 @@ class Plan:
 
     manifest: Manifest
     index: ShardIndex  # the shards: spans in the source and content hashes
-    pending: list[Task]  # shard-major; before prepare_output: every task
+    pending: Sequence[Task]  # shard-major (a TaskList); before prepare_output: every task
     model_source: dict
     layout: OutputLayout
     planned: dict[str, dict[str, int]] = field(default_factory=dict)  # variant -> pieces, images
@@ -181,11 +182,10 @@ def check(manifest: Manifest, check_model: bool = True) -> dict:
     return source
 
 
-def all_tasks(manifest: Manifest, index: ShardIndex) -> list[Task]:
+def all_tasks(manifest: Manifest, index: ShardIndex) -> TaskList:
     """Every (variant, shard) task, shard-major, so that paired variants of a shard finish close
     together."""
-    variants = list(manifest.resolved_variants())
-    return [Task(v, ref) for ref in map(index.ref, range(index.n_shards)) for v in variants]
+    return TaskList.every_shard(index, list(manifest.resolved_variants()))
 
 
 def _stored_index(layout: OutputLayout, manifest: Manifest) -> ShardIndex | None:
@@ -347,17 +347,22 @@ def prepare_output(
         if vp.found is not None and vp.found.commits.new:
             write_digest(layout, variant, vp.found.commits)
     p.planned = {v: vp.summary() for v, vp in plans.items()}
-    # shard-major, like all_tasks, so paired variants of a shard finish close together;
-    # the refs point at the stored index's copy of the prompts where there is one
+    # shard-major, like TaskList.every_shard, so paired variants of a shard finish close
+    # together; the refs point at the stored index's copy of the prompts where there is one
+    p.pending = TaskList.shard_major(p.index, {v: vp.pending for v, vp in plans.items()})
     source = p.index.source
-    pending = [Task(v, _with_source(ref, source)) for v, vp in plans.items() for ref in vp.pending]
-    p.pending = sorted(pending, key=lambda t: (t.shard.index, t.shard.part))
     p.retry = [
         Task(v, _with_source(ref, source))
         for v, vp in plans.items()
         for ref in vp.failed
         if retry_failed
     ]
+
+
+def _prompts(tasks: Sequence[Task]) -> int:
+    if isinstance(tasks, TaskList):
+        return tasks.prompts()
+    return sum(t.shard.count for t in tasks)
 
 
 def _with_source(ref: Any, source: Any) -> Any:
@@ -468,7 +473,7 @@ def submit(
             with stop.deferred():  # Ray starts processes: act on a signal once it is up
                 distributor.connect(m.ray.address, num_cpus, m.ray.object_store_mb)
             n, cpus, gpus = distributor.plan_actors(m, len(p.pending))
-            total = sum(t.shard.count for t in p.pending) * m.images_per_prompt
+            total = _prompts(p.pending) * m.images_per_prompt
             bar = tqdm(total=total, unit="img", disable=not progress, desc=m.name, smoothing=0.1)
             observer = JobObserver(m.name, events, summary, bar, total, written)
             observer.events.note(
@@ -510,6 +515,7 @@ def submit(
             summary.stopped = result.stopped
             summary.stop_signal = stop.signum or signal.SIGTERM
             done = set(result.done)
+            result.done.clear()
             p.pending = [t for t in p.pending if t.key not in done]  # what is left to make
             summary.unfinished_tasks = len(p.pending)
             worker_info = result.worker_info

@@ -20,7 +20,7 @@ import dataclasses
 import io
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,7 +30,7 @@ from catbatch.job import verify
 from catbatch.job.commits import CommitStats
 from catbatch.job.layout import OutputLayout
 from catbatch.job.prompts import Prompt
-from catbatch.job.shardindex import ShardIndex, SourceChanged, read_piece
+from catbatch.job.shardindex import ShardIndex, ShardRefs, SourceChanged, read_piece
 from catbatch.job.sharding import ShardRef, Task, content_hash, parse_piece, piece_name
 from catbatch.job.writer import Row, ShardStats, write_shard
 
@@ -157,7 +157,7 @@ def _lay_out_shard(
 class VariantPlan:
     """One variant's pieces: how many are committed, which to make, which to retry."""
 
-    pending: list[ShardRef] = field(default_factory=list)  # damaged ones included
+    pending: Sequence[ShardRef] = field(default_factory=list)  # damaged ones included
     committed: int = 0
     images: int = 0  # of every piece, committed or not
     failed: list[ShardRef] = field(default_factory=list)  # committed with failed images
@@ -192,7 +192,8 @@ def plan_variant(
     )
     if problems:
         raise ResumeError(problems[0])
-    plan = VariantPlan(damaged=dict(found.damaged), found=found)
+    pending = ShardRefs(index)  # (a fresh run's every shard at 8 bytes each)
+    plan = VariantPlan(pending, damaged=dict(found.damaged), found=found)
     for piece in pieces:
         plan.images += piece.count * images_per_prompt
         if piece.state == "committed":
@@ -201,7 +202,7 @@ def plan_variant(
                 plan.failed_images[piece.name] = piece.stats.images_failed
                 plan.failed.append(hashes.ref(piece))
         else:
-            plan.pending.append(hashes.ref(piece))
+            pending.append(hashes.entry(piece))
     return plan
 
 
@@ -223,12 +224,16 @@ class _PieceHashes:
                 raise ResumeError(str(e)) from None
         return content_hash(self.prompts[piece.index][piece.first : piece.first + piece.count])
 
+    def entry(self, piece: Piece) -> ShardRef | int:
+        """The piece as :class:`ShardRefs` holds it: a whole shard as its number."""
+        whole = piece.part == 0 and piece.count == self.index.size(piece.index)
+        return piece.index if whole else self.ref(piece)
+
     def ref(self, piece: Piece) -> ShardRef:
-        whole = self.index.ref(piece.index)
-        if piece.part == 0 and piece.count == whole.count:
-            return whole
+        if piece.part == 0 and piece.count == self.index.size(piece.index):
+            return self.index.ref(piece.index)
         return dataclasses.replace(
-            whole,
+            self.index.ref(piece.index),
             part=piece.part,
             first=piece.first,
             count=piece.count,

@@ -38,9 +38,10 @@ import tempfile
 import uuid
 import weakref
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import fsspec
 import numpy as np
@@ -58,7 +59,7 @@ from catbatch.job.prompts import (
     source_errors,
     source_identity,
 )
-from catbatch.job.sharding import ShardRef, Span, content_hash
+from catbatch.job.sharding import ShardRef, Span, Task, content_hash
 
 INDEX_VERSION = 1
 INDEX_DIR = "index"
@@ -140,6 +141,121 @@ class ShardIndex:
             "source": {**dataclasses.asdict(self.source), "location": copy or self.source.location},
             "shards_file": f"{self.build}.shards.npz",
         }
+
+
+class ShardRefs(Sequence[ShardRef]):
+    """Pieces of ``index``'s shards at 8 bytes each: a whole shard as its number, any other piece
+    as its :class:`ShardRef`. Refs are built when read, pointing at the index's source as it is
+    then (a copied source is read from the output once it is stored there)."""
+
+    def __init__(self, index: ShardIndex):
+        self.index = index
+        self.codes = array("q")  # >= 0: that whole shard; < 0: -1 - its position in pieces
+        self.pieces: list[ShardRef] = []
+
+    def append(self, ref: ShardRef | int) -> None:
+        """Add a piece, or a whole shard by its number."""
+        if isinstance(ref, ShardRef):
+            self.pieces.append(ref)
+            self.codes.append(-len(self.pieces))
+        else:
+            self.codes.append(ref)
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @overload
+    def __getitem__(self, i: int) -> ShardRef: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[ShardRef]: ...
+    def __getitem__(self, i: int | slice) -> ShardRef | list[ShardRef]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        code = self.codes[i]
+        if code >= 0:
+            return self.index.ref(code)
+        ref, source = self.pieces[-1 - code], self.index.source
+        return ref if ref.source is source else dataclasses.replace(ref, source=source)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def shard_order(self) -> tuple[np.ndarray, np.ndarray]:
+        """Each entry's shard number and part."""
+        codes = np.frombuffer(self.codes, dtype=np.int64) if self.codes else np.zeros(0, np.int64)
+        shard, part = codes.copy(), np.zeros(len(codes), dtype=np.int64)
+        for n in np.flatnonzero(codes < 0).tolist():
+            ref = self.pieces[-1 - int(codes[n])]
+            shard[n], part[n] = ref.index, ref.part
+        return shard, part
+
+    def prompts(self) -> int:
+        """Prompts over every entry."""
+        codes = np.frombuffer(self.codes, dtype=np.int64) if self.codes else np.zeros(0, np.int64)
+        whole = codes[codes >= 0]
+        size = np.minimum(
+            self.index.shard_size, self.index.n_prompts - whole * self.index.shard_size
+        )
+        return int(size.sum()) + sum(ref.count for ref in self.pieces)
+
+
+class TaskList(Sequence[Task]):
+    """Tasks at 10 bytes each (see :class:`ShardRefs`); each :class:`Task` is built when read."""
+
+    def __init__(self, variants: Sequence[str], refs: ShardRefs, variant_of: array):
+        self.variants = list(variants)
+        self.refs = refs
+        self.variant_of = variant_of  # per task: its variant's position in variants
+
+    @classmethod
+    def every_shard(cls, index: ShardIndex, variants: Sequence[str]) -> TaskList:
+        """Every (variant, shard) task, shard-major, so paired variants of a shard finish close
+        together."""
+        n, k = index.n_shards, len(variants)
+        refs = ShardRefs(index)
+        refs.codes = array("q", np.repeat(np.arange(n, dtype=np.int64), k).tobytes())
+        of = array("H", np.tile(np.arange(k, dtype=np.uint16), n).tobytes())
+        return cls(variants, refs, of)
+
+    @classmethod
+    def shard_major(cls, index: ShardIndex, by_variant: dict[str, Sequence[ShardRef]]) -> TaskList:
+        """Each variant's pieces as tasks, ordered by shard and part (then by variant)."""
+        refs = ShardRefs(index)
+        codes, of, shards, parts = [], [], [], []
+        for k, listed in enumerate(by_variant.values()):
+            part_refs = listed if isinstance(listed, ShardRefs) else ShardRefs(index)
+            if part_refs is not listed:
+                for ref in listed:
+                    part_refs.append(ref)
+            c = np.frombuffer(part_refs.codes, np.int64) if part_refs.codes else np.zeros(0, int)
+            codes.append(np.where(c < 0, c - len(refs.pieces), c))
+            refs.pieces += part_refs.pieces
+            of.append(np.full(len(c), k, dtype=np.uint16))
+            shard, part = part_refs.shard_order()
+            shards.append(shard)
+            parts.append(part)
+        if not codes:
+            return cls(list(by_variant), refs, array("H"))
+        order = np.lexsort((np.concatenate(parts), np.concatenate(shards)))  # stable
+        refs.codes = array("q", np.concatenate(codes).astype(np.int64)[order].tobytes())
+        variant_of = array("H", np.concatenate(of)[order].tobytes())
+        return cls(list(by_variant), refs, variant_of)
+
+    def __len__(self) -> int:
+        return len(self.variant_of)
+
+    @overload
+    def __getitem__(self, i: int) -> Task: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Task]: ...
+    def __getitem__(self, i: int | slice) -> Task | list[Task]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return Task(self.variants[self.variant_of[i]], self.refs[i])
+
+    def prompts(self) -> int:
+        """Prompts over every task."""
+        return self.refs.prompts()
 
 
 def read_piece(ref: ShardRef) -> list[Prompt]:
