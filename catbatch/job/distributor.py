@@ -241,7 +241,7 @@ def _jsonable(v: Any) -> Any:
 
 @dataclass
 class PoolResult:
-    done: list[str] = field(default_factory=list)  # keys of the tasks committed
+    done: set[str] = field(default_factory=set)  # keys of the tasks committed
     failed: dict[str, str] = field(default_factory=dict)  # task key -> last error
     worker_info: dict = field(default_factory=dict)
     retries: list[tuple[str, str]] = field(default_factory=list)  # (task key, why)
@@ -489,7 +489,7 @@ def run_pool(
 
     def finished(actor: _Actor, task: Task, out: dict) -> None:
         attempts.pop(task.key, None)  # (the driver holds nothing per finished task but its key)
-        result.done.append(task.key)
+        result.done.add(task.key)
         obs.task_done(actor.name, task, out["stats"], out["events"])
 
     def committed(task: Task) -> dict | None:

@@ -514,14 +514,12 @@ def submit(
             summary.failed_tasks = result.failed
             summary.stopped = result.stopped
             summary.stop_signal = stop.signum or signal.SIGTERM
-            done = set(result.done)
-            result.done.clear()
-            p.pending = [t for t in p.pending if t.key not in done]  # what is left to make
+            p.pending = [t for t in p.pending if t.key not in result.done]  # left to make
             summary.unfinished_tasks = len(p.pending)
             worker_info = result.worker_info
             if any(SOURCE_CHANGED in error for error in result.failed.values()):
                 forget_index(layout, p.index.key)  # the next submit reads the source again
-            del done, result
+            del result
         if p.retry and not summary.stopped and not (lease is not None and lease.lost.is_set()):
             retried, retry_failed = resume.run_retries(
                 m, p.model_source, p.retry, num_cpus, generation
