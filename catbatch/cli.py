@@ -29,15 +29,34 @@ def _load(manifest_path: str, overrides: dict[str, Any]):
         _fail(str(e))
 
 
-def _plan(m, check_model: bool = True):
+def _plan(m, check_model: bool = True, rescan: bool = False):
     from catbatch.job.driver import JobError, plan
     from catbatch.job.prompts import PromptSourceError
     from catbatch.models.loader import ModelLoadError
 
     try:
-        return plan(m, check_model=check_model)
+        return plan(m, check_model=check_model, rescan=rescan)
     except (PromptSourceError, ModelLoadError, JobError) as e:
         _fail(str(e))
+
+
+@contextmanager
+def _stoppable() -> Iterator[Any]:
+    """SIGTERM and SIGINT end the command with 128 + the signal (143, 130) wherever they come:
+    planning and Ray start-up stop at once (every file written is complete), a running pool
+    stops handing out shards (see catbatch.job.driver.StopSignals)."""
+    from catbatch.job.driver import Interrupted, stop_signals
+
+    try:
+        with stop_signals() as stop:
+            yield stop
+    except Interrupted as e:
+        click.echo(
+            f"{e} (outside the actor pool: at once); committed shards are kept, rerun the same "
+            "command to go on",
+            err=True,
+        )
+        sys.exit(e.exit_code)
 
 
 def _warn(p) -> None:
@@ -91,8 +110,8 @@ def main() -> None:
     the output location. Start with `catbatch validate MANIFEST`, then `catbatch submit
     MANIFEST`. Exit codes: 0 success, 1 some shards failed (status: the run is incomplete;
     regenerate: the image failed), 2 bad input (nothing started), 3 another submission is
-    writing the output, 143 stopped by SIGTERM (committed shards are kept; rerun the same
-    command to finish).
+    writing the output, 143 stopped by SIGTERM and 130 by SIGINT (at any phase; committed
+    shards are kept; rerun the same command to finish).
     """
 
 
@@ -107,7 +126,8 @@ def validate(manifest: str, output: str | None, no_model_check: bool) -> None:
     number of prompts, samples (prompts x images per prompt) and shards.
     """
     m = _load(manifest, {"output": output} if output else {})
-    p = _plan(m, check_model=not no_model_check)
+    with _stoppable():
+        p = _plan(m, check_model=not no_model_check)
     resolved = m.model_dump(mode="json")
     resolved["resolved_variants"] = {k: v.model_dump() for k, v in m.resolved_variants().items()}
     click.echo(json.dumps(resolved, indent=2))
@@ -172,6 +192,11 @@ def submit(
     One submission at a time writes an output: the second exits with code 3 while the first
     holds the output's lease (renewed every 10 s, free 30 s after its driver dies).
 
+    The prompt source is read once into a shard index stored under OUTPUT/index/ (per shard:
+    where its records are and a hash of its prompts); a resubmit reuses it while the source is
+    unchanged (size, modification time or ETag, hash of sampled blocks; `--verify` reads the
+    source again). Actors read their own shards' prompts from the source.
+
     The output may be a path or a URL: s3://bucket/prefix (pip install catbatch[s3]), or gs://
     and others when their fsspec package is installed. Credentials come from the backend's
     standard chain (for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, ~/.aws,
@@ -190,27 +215,28 @@ def submit(
     if cluster:
         m = _load(manifest, {**overrides, **cluster})
     _refuse_if_busy(m.output_url)
-    p = _plan(m)
-    with _output_lease(p.layout) as lease:
-        try:
-            prepare_output(p, overwrite, retry_failed, verify)
-        except (JobError, OSError) as e:
-            _fail(str(e))
-        for line in p.damaged:
-            click.echo(f"damaged shard {line}", err=True)
-        _warn(p)
-        c = p.counts()
-        retry = f"; {len(p.retry)} shard(s) with failed images to retry" if p.retry else ""
-        click.echo(
-            f"{m.name}: {c['prompts']} prompts x {m.images_per_prompt} image(s) x "
-            f"{c['variants']} variant(s) in {c['shards']} shards; {c['pending_tasks']} of "
-            f"{c['tasks']} tasks to run{retry}",
-            err=True,
-        )
-        try:
-            summary = run(p, progress=not quiet, num_cpus=num_cpus, lease=lease)
-        except JobError as e:
-            _fail(str(e), code=1)
+    with _stoppable() as stop:
+        p = _plan(m, rescan=verify)
+        with _output_lease(p.layout) as lease:
+            try:
+                prepare_output(p, overwrite, retry_failed, verify)
+            except (JobError, OSError) as e:
+                _fail(str(e))
+            for line in p.damaged:
+                click.echo(f"damaged shard {line}", err=True)
+            _warn(p)
+            c = p.counts()
+            retry = f"; {len(p.retry)} shard(s) with failed images to retry" if p.retry else ""
+            click.echo(
+                f"{m.name}: {c['prompts']} prompts x {m.images_per_prompt} image(s) x "
+                f"{c['variants']} variant(s) in {c['shards']} shards; {c['pending_tasks']} of "
+                f"{c['tasks']} tasks to run{retry}",
+                err=True,
+            )
+            try:
+                summary = run(p, progress=not quiet, num_cpus=num_cpus, lease=lease, stop=stop)
+            except JobError as e:
+                _fail(str(e), code=1)
     for line in summary.lines():
         click.echo(line)
     sys.exit(summary.exit_code)
@@ -289,24 +315,38 @@ def regenerate(
     so the result matches the row in the dataset (up to float summation order when the
     dataset was made at a larger batch size).
     """
-    from catbatch.job.sharding import Shard, Task
+    from catbatch.job.driver import JobError, check
+    from catbatch.job.prompts import PromptSourceError, SourceScan
+    from catbatch.job.sharding import ShardRef, Task
     from catbatch.job.worker import Worker
+    from catbatch.models.loader import ModelLoadError
 
     m = _load(manifest, {"batch_size": 1})
-    p = _plan(m)
-    matches = [pr for pr in p.prompts if pr.sample_id == sample_id]
-    if not matches:
+    try:
+        model_source = check(m)
+        found = next(
+            (
+                (n, located[0])
+                for n, located in enumerate(SourceScan(m.prompts, m.base_dir))
+                if located[0].sample_id == sample_id
+            ),
+            None,
+        )
+    except (PromptSourceError, ModelLoadError, JobError) as e:
+        _fail(str(e))
+    if found is None:
         _fail(f"sample id {sample_id!r} is not in the prompt source of {manifest}")
+    position, prompt = found
     variants = m.resolved_variants()
     name = variant or next(iter(variants))
     if name not in variants:
         _fail(f"variant {name!r} is not in {manifest}; variants: {', '.join(variants)}")
     if not 0 <= image_index < m.images_per_prompt:
         _fail(f"--image-index must be in [0, {m.images_per_prompt})")
-    _warn(p)
-    worker = Worker(m, p.model_source)
-    item = [it for it in worker.items(matches) if it.image_index == image_index]
-    rows = worker.generate_rows(item, Task(name, Shard(0, tuple(matches))), variants[name], "regen")
+    worker = Worker(m, model_source)
+    item = [it for it in worker.items([prompt]) if it.image_index == image_index]
+    task = Task(name, ShardRef(position // m.shard_size, count=1))
+    rows = worker.generate_rows(item, task, variants[name], "regen")
     if rows[0].png is None:
         _fail(f"generation failed: {rows[0].error}", code=1)
     Path(out).write_bytes(rows[0].png)

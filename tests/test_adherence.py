@@ -108,7 +108,7 @@ def test_worker_writes_the_adherence_columns(tmp_path: Path):
     )
     p = plan(load_manifest(tmp_path / "m.yaml"))
     worker = Worker(p.manifest, p.model_source)
-    (task,) = p.tasks
+    (task,) = p.pending
     worker.run_task(task, p.layout)
     (path,) = (Path(p.layout.root) / "variants" / task.variant).glob("*.parquet")
     rows = {r["prompt"]: r for r in pq.read_table(path).to_pylist()}

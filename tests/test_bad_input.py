@@ -215,7 +215,7 @@ def test_bad_single_prompts_and_hostile_ids_become_rows(tmp_path, ray_cluster):
 def test_printed_output_paths_are_normalised(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "run.json").write_text(json.dumps({"name": "n", "variants": [], "planned_shards": {}}))
+    (out / "run.json").write_text(json.dumps({"name": "n", "variants": []}))
     winding = str(tmp_path / "a" / "b" / ".." / ".." / "out")
     assert OutputLayout(winding).display() == str(out)
     res = CliRunner().invoke(main, ["status", winding])

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from catbatch.pruning import STRATEGIES
 
 ROOT = str(Path(__file__).resolve().parents[1])  # bench/ is not an installed package
@@ -50,6 +52,22 @@ def test_shapes_table_counts_unstated_shapes_per_caption():
     unpruned, cat = lines[2].split(" | "), lines[3].split(" | ")
     assert unpruned[2] == "100.0" and unpruned[6] == "0.00" and unpruned[8] == "-"
     assert cat[2] == "33.3" and cat[6] == "2.00" and cat[8:10] == ["41.00", "0.9500"]
+
+
+@pytest.mark.slow
+def test_scale_benchmark_smoke_plans_dispatches_and_reuses_the_index(tmp_path, capsys):
+    """3000 prompts with the stand-in worker: every shard committed by reading its prompts
+    from the source; the resubmit reuses the stored shard index and has nothing to do."""
+    from bench import scale
+
+    assert scale.main(["--smoke", "--work", str(tmp_path), "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "| prompts | shards | plan s |" in out and "| 3,000 | 47 |" in out
+    (row,) = json.loads((tmp_path / "r.json").read_text())
+    first, again = row["first"], row["again"]
+    assert (first["tasks"], first["images"], first["exit_code"]) == (47, 3000, 0)
+    assert not first["index_reused"] and again["index_reused"] and again["tasks"] == 0
+    assert first["first_task_s"] > 0 and row["status_s"] > 0
 
 
 def test_gpu_check_dry_run_writes_each_section(tmp_path, monkeypatch):

@@ -136,13 +136,13 @@ def test_progress_bar_shows_failures_queue_and_eta(tmp_path: Path) -> None:
     from tqdm import tqdm
 
     from catbatch.job.driver import JobObserver, Summary
-    from catbatch.job.sharding import Shard, Task
+    from catbatch.job.sharding import ShardRef, Task
 
     bar = tqdm(total=16, file=io.StringIO())
     obs = JobObserver("j", EventLog(OutputLayout(str(tmp_path))), Summary(), bar, total=16)
     now = [0.0]
     obs.rate.clock = lambda: now[0]
-    task = Task("default", Shard(0, ()))
+    task = Task("default", ShardRef(0))
     stats = {"rows": 4, "images_ok": 3, "images_failed": 1}
     obs.task_done("actor-0", task, stats, [{"t": 0.0, "event": "task_commit"}])
     now[0] = 8.0

@@ -159,11 +159,11 @@ def test_failing_nan_and_oom_images_are_recorded_and_the_shard_commits(
     worker_and_plan, monkeypatch
 ):
     worker, p = worker_and_plan
-    ids = [pr.sample_id for pr in p.shards[0].prompts]
+    ids = [pr.sample_id for pr in p.index.read(0)]
     spec = {"fail_ids": [ids[1]], "nan_ids": [ids[2]], "oom_above": 2}
     monkeypatch.setenv(FAULTS_ENV, json.dumps(spec))
     worker.faults = InjectedFaults.from_env()
-    stats = worker.run_task(p.tasks[0], p.layout)
+    stats = worker.run_task(p.pending[0], p.layout)
     assert (stats.rows, stats.images_ok, stats.images_failed) == (4, 2, 2)
     # 4 -> out of memory -> 2 + 2; the half holding the failing image -> 1 + 1
     splits = stats.extra["batch_splits"]
@@ -184,7 +184,7 @@ def test_failing_nan_and_oom_images_are_recorded_and_the_shard_commits(
 def test_out_of_memory_at_batch_one_fails_the_rows(worker_and_plan):
     worker, p = worker_and_plan
     worker.faults = InjectedFaults(oom_above=0)
-    stats = worker.run_task(p.tasks[0], p.layout)
+    stats = worker.run_task(p.pending[0], p.layout)
     assert (stats.images_ok, stats.images_failed) == (0, 4)
     assert [s["size"] for s in stats.extra["batch_splits"]] == [4, 2, 2]
     rows = read_rows(Path(p.layout.root))
@@ -202,7 +202,7 @@ def test_exception_and_nan_from_inside_the_pipeline(worker_and_plan):
 
     handle = worker.pipe.transformer.register_forward_pre_hook(boom, with_kwargs=True)
     try:
-        stats = worker.run_task(p.tasks[0], p.layout)
+        stats = worker.run_task(p.pending[0], p.layout)
     finally:
         handle.remove()
     assert (stats.images_ok, stats.images_failed) == (0, 4)
@@ -213,14 +213,14 @@ def test_exception_and_nan_from_inside_the_pipeline(worker_and_plan):
         lambda module, args, out: (out[0] * float("nan"),)
     )
     try:
-        stats = worker.run_task(p.tasks[0], p.layout)
+        stats = worker.run_task(p.pending[0], p.layout)
     finally:
         handle.remove()
     assert (stats.images_ok, stats.images_failed) == (0, 4)
     assert stats.extra == {}  # NaN is per image: no batch split
     assert all("non-finite" in r["error"] for r in read_rows(Path(p.layout.root)))
 
-    stats = worker.run_task(p.tasks[0], p.layout)
+    stats = worker.run_task(p.pending[0], p.layout)
     assert (stats.images_ok, stats.images_failed) == (4, 0)
 
 
@@ -242,7 +242,7 @@ def test_orphan_does_not_commit_once_a_new_driver_holds_the_lease(worker_and_pla
     right before writing the stats file); under the current lease the same worker commits."""
     worker, p = worker_and_plan
     worker.faults = None
-    task, layout = p.tasks[1], p.layout
+    task, layout = p.pending[1], p.layout
     folder = Path(layout.root) / "variants" / "default"
     for name in (f"{task.shard.name}.parquet", f"{task.shard.name}.stats.json"):
         (folder / name).unlink(missing_ok=True)
@@ -262,7 +262,7 @@ def test_orphan_does_not_commit_once_a_new_driver_holds_the_lease(worker_and_pla
         assert not (folder / f"{task.shard.name}.stats.json").exists()
         worker.lease_generation = new.info.generation
         stats = worker.run_task(task, layout)
-        assert stats.images_ok == len(task.shard.prompts)
+        assert stats.images_ok == task.shard.count
         assert (folder / f"{task.shard.name}.stats.json").exists()
     finally:
         worker.lease_generation = None
@@ -276,7 +276,7 @@ def test_lease_lost_while_two_shards_are_written_commits_neither(worker_and_plan
     worker.faults = None
     layout = p.layout
     folder = Path(layout.root) / "variants" / "default"
-    tasks = p.tasks[:2]
+    tasks = p.pending[:2]
     for task in tasks:
         for name in (f"{task.shard.name}.parquet", f"{task.shard.name}.stats.json"):
             (folder / name).unlink(missing_ok=True)
@@ -465,13 +465,13 @@ def test_sigterm_stops_handing_out_shards(tmp_path, ray_cluster, monkeypatch, ca
     assert stopped_after < 120
     if grace == 0:
         return
-    before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "variants").rglob("*.parquet")}
     monkeypatch.delenv(FAULTS_ENV)
     code, output = submit(path, capfd)
     assert code == 0, output
     assert f"{len(done)} shard(s) already committed" in output
     check_exactly_once(out)
-    after = {p.name: p.stat().st_mtime_ns for p in out.rglob("*.parquet")}
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "variants").rglob("*.parquet")}
     assert all(after[name] == mtime for name, mtime in before.items())
 
 

@@ -183,7 +183,7 @@ def flux_worker(tmp_path_factory, tiny_cache):
 
     worker.pipe.__class__ = Recording
     texts = {}
-    for task in p.tasks:
+    for task in p.pending:
         worker.run_task(task, p.layout)
         texts[task.variant] = worker.macs_counter.first_inputs["encoder_hidden_states"].shape[1]
     worker.pipe.__class__ = base

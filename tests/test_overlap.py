@@ -24,6 +24,7 @@ from catbatch.job.layout import OutputLayout
 from catbatch.job.manifest import load_manifest
 from catbatch.job.overlap import BoundedPool
 from catbatch.job.seeds import image_generator
+from catbatch.job.shardindex import read_piece
 from catbatch.job.worker import Worker, encode_png
 
 PROMPTS = ["a red fox", "a blue boat", "a green tree", "a yellow house", "a black cat"]
@@ -76,11 +77,11 @@ def test_rows_are_those_of_the_pipeline_called_directly(batch2):
     """PNG bytes equal the pipeline's numpy output quantized on the host; CLIP scores (made on
     the device from the 8-bit images, as one batch) agree with the PIL path's."""
     worker, p = batch2
-    task = p.tasks[0]
+    task = p.pending[0]
     stats = worker.run_task(task, p.layout)
     assert stats.images_ok == 3
     rows = read_rows(p.layout, task.shard.name)
-    items = worker.items(task.shard.prompts)
+    items = worker.items(read_piece(task.shard))
     assert [(r["sample_id"], r["image_index"]) for r in rows] == [
         (it.prompt.sample_id, it.image_index) for it in items
     ]
@@ -137,14 +138,14 @@ def test_pipeline_calls_do_not_wait_for_the_rows_and_rows_keep_their_order(batch
     ids = ["shard-00000-b0", "shard-00000-b1", "shard-00000-b2"]
     done, _ = gate_rows(monkeypatch, first_waits_for=ids[2])
     worker.take_events()
-    task = p.tasks[0]
+    task = p.pending[0]
     worker.run_task(task, p.layout)
     calls = [e for e in worker.take_events() if e["event"] == "batch"]
     assert [e["batch"] for e in calls] == ids
     assert done[ids[1]] < done[ids[0]]  # batch 1's rows were done before batch 0's
     assert all(e["call_start"] + e["call_s"] < done[ids[0]] for e in calls)
     rows = read_rows(p.layout, task.shard.name)
-    items = worker.items(task.shard.prompts)
+    items = worker.items(read_piece(task.shard))
     assert [r["sample_id"] for r in rows] == [it.prompt.sample_id for it in items]
     assert [r["batch_id"] for r in rows] == ids
 
@@ -153,7 +154,7 @@ def test_start_task_returns_before_the_commit_which_follows_the_complete_parquet
     batch1, monkeypatch
 ):
     worker, p = batch1
-    task, layout = p.tasks[1], p.layout
+    task, layout = p.pending[1], p.layout
     folder = Path(layout.root) / "variants" / "default"
     for name in (f"{task.shard.name}.parquet", f"{task.shard.name}.stats.json"):
         (folder / name).unlink(missing_ok=True)

@@ -150,12 +150,12 @@ def test_append_extends_without_touching_committed_files(tmp_path, reference):
     for key, row in rows.items():  # and the same image as one uninterrupted run
         assert row["image"]["bytes"] == reference[key]["image"]["bytes"], key
     record = json.loads((out / "run.json").read_text())
-    assert record["planned_shards"]["full"] == {
-        "shard-00000": 2,
-        "shard-00001": 1,
-        "shard-00001-x1": 1,
-        "shard-00002": 2,
-    }
+    assert record["planned"]["full"] == {"pieces": 4, "images": 6}
+    assert (record["prompts"], record["shards"]) == (6, 3)
+    assert json.loads((out / record["shard_index"]).read_text())["prompts"] == 6
+    code, text = cli("status", str(out), "--json")
+    st = json.loads(text)["variants"]["full"]
+    assert (st["planned_shards"], st["committed_shards"], st["images_planned"]) == (4, 4, 6)
     code, text = cli("status", str(out))
     assert code == 0 and "4/4" in text and "complete" in text
 

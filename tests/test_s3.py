@@ -114,7 +114,7 @@ def test_submit_extend_status_lease_on_s3(tmp_path, s3_server, ray_cluster, capl
     ]
 
     record = json.loads(fresh_fs().cat_file(url.removeprefix("s3://") + "/run.json"))
-    assert record["status"] == "complete" and record["planned_shards"]["full"]
+    assert record["status"] == "complete" and record["planned"]["full"]["pieces"] == 4
     everything = all_text(url) + out + text + caplog.text
     assert SECRET_KEY not in everything
     assert ACCESS_KEY not in all_text(url)
@@ -208,3 +208,103 @@ def test_outage_past_retry_budget_fails_clearly_then_rerun_completes(
     code, text = cli("submit", str(path), "--quiet")
     assert code == 0, text
     assert len(s3_rows(url)) == 2
+
+
+def test_status_and_resume_read_one_listing_on_s3(tmp_path, s3_server):
+    """120 committed pieces: `status` and resume send a handful of requests (the run record,
+    one listing, the commit digest, the lease), none per piece."""
+    from catbatch.job.driver import plan, prepare_output
+    from catbatch.job.manifest import load_manifest
+    from catbatch.job.resume import plan_variant
+    from catbatch.job.runrecord import committed_totals
+    from catbatch.job.sharding import content_hash
+    from catbatch.job.status import output_status
+    from catbatch.job.writer import Row, write_shard
+
+    url = s3_server.url(f"runs/{uuid.uuid4().hex[:8]}")
+    n = 120
+    p = plan(load_manifest(job(tmp_path, url, [f"prompt {i}" for i in range(n)], shard=1)), False)
+    prepare_output(p, overwrite=False)  # stores the shard index on S3
+    for task in p.pending:
+        prompts = p.index.read(task.shard.index)
+        rows = [
+            Row(x.sample_id, 0, x.prompt, {}, 1, "full", {}, b"png", 16, 16, "b", 1, 0.1, "x")
+            for x in prompts
+        ]
+        write_shard(p.layout, "full", task.shard.name, content_hash(prompts), rows, 0.1, "x")
+    committed_totals(p.layout, ["full"])  # reads each stats file once, records the digest
+    record = {
+        "name": "s3job",
+        "variants": ["full"],
+        "prompts": n,
+        "images_per_prompt": 1,
+        "manifest": {"shard_size": 1},
+    }
+    p.layout.write_json(p.layout.run_record, record)
+
+    sent: list[str] = []
+    p.layout.fs.connect()
+    p.layout.fs.s3.meta.events.register(
+        "before-send.s3", lambda request, **_: sent.append(f"{request.method} {request.url}")
+    )
+    st = output_status(url)
+    assert st.complete and st.variants["full"].committed_shards == n
+    assert 0 < len(sent) <= 8, sent
+    assert not [r for r in sent if ".stats.json" in r], sent
+    sent.clear()
+    vp = plan_variant(p.layout, "full", p.index, 1)
+    assert vp.committed == n and not vp.pending
+    assert 0 < len(sent) <= 4 and not [r for r in sent if ".stats.json" in r], sent
+
+
+def test_missing_s3_credentials_are_a_clear_error(tmp_path, monkeypatch):
+    """No credentials anywhere: validate, status and report exit 2 naming what they read and
+    where credentials come from (no botocore traceback)."""
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        manifest = tmp_path / "coco.yaml"
+        manifest.write_text(
+            "name: c\nmodel: {id: tiny-sd3}\noutput: out\n"
+            "prompts: {path: 's3://no-bucket/captions.json', format: coco}\n"
+        )
+        code, text = cli("validate", str(manifest), "--no-model-check")
+        assert code == 2 and "s3://no-bucket/captions.json: cannot read" in text, text
+        assert "NoCredentialsError" in text and "AWS_ACCESS_KEY_ID" in text
+        for command in ("status", "report"):
+            code, text = cli(command, "s3://no-bucket/run")
+            assert code == 2 and "s3://no-bucket/run/run.json" in text, (command, text)
+            assert "NoCredentialsError" in text and "Traceback" not in text
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_prompt_source_on_s3_is_indexed_and_read_by_byte_ranges(tmp_path, s3_server):
+    """A text source on S3: the index build streams it once, each shard is read back with a
+    ranged GET, and the stored index is reused until the object changes (its ETag)."""
+    from catbatch.job.prompts import PromptSource, read_prompts
+    from catbatch.job.shardindex import build_index, load_index, save_index
+
+    root = f"{s3_server.url('')}src-{uuid.uuid4().hex[:8]}".removeprefix("s3://")
+    fs = fresh_fs()
+    fs.pipe_file(f"{root}/prompts.txt", "".join(f"prompt {i}\n" for i in range(50)).encode())
+    source = PromptSource(path=f"s3://{root}/prompts.txt")
+    index = build_index(source, None, 8)
+    layout = OutputLayout(s3_server.url(f"runs/{uuid.uuid4().hex[:8]}"))
+    sent: list[str] = []
+    layout.fs.connect()
+    layout.fs.s3.meta.events.register(
+        "before-send.s3",
+        lambda request, **_: sent.append(bytes(request.headers.get("Range") or b"").decode()),
+    )
+    shards = [index.read(i) for i in range(index.n_shards)]
+    assert [p for s in shards for p in s] == read_prompts(source)
+    assert len([r for r in sent if r.startswith("bytes=")]) >= index.n_shards, sent
+    save_index(layout, index)
+    assert load_index(layout, source, None, 8).build == index.build
+    fs.pipe_file(f"{root}/prompts.txt", b"".join(b"prompt %d\n" % i for i in range(51)))
+    assert load_index(layout, source, None, 8) is None

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import torch
 
-from catbatch.job.prompts import Prompt
+from catbatch.job.driver import all_tasks
+from catbatch.job.manifest import parse_manifest
+from catbatch.job.prompts import PromptSource
 from catbatch.job.seeds import image_generator, image_seed
-from catbatch.job.sharding import make_shards, make_tasks
+from catbatch.job.shardindex import build_index
+from catbatch.job.sharding import content_hash
 
 
 def test_image_seed_is_the_documented_hash():
@@ -30,27 +34,69 @@ def test_generator_is_reproducible():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def _prompts(n: int) -> list[Prompt]:
-    return [Prompt(f"s{i}", f"prompt {i}", {}, i) for i in range(n)]
+def _index(tmp_path: Path, prompts: list[str], shard_size: int, name: str = "p.txt"):
+    path = tmp_path / name
+    path.write_text("".join(f"{p}\n" for p in prompts))
+    return build_index(PromptSource(path=str(path)), None, shard_size)
 
 
-def test_shards_are_fixed_size_and_ordered():
-    shards = make_shards(_prompts(10), 4)
-    assert [len(s.prompts) for s in shards] == [4, 4, 2]
-    assert [p.sample_id for s in shards for p in s.prompts] == [f"s{i}" for i in range(10)]
-    assert [s.name for s in shards] == ["shard-00000", "shard-00001", "shard-00002"]
+def test_shards_are_fixed_size_and_ordered(tmp_path):
+    prompts = [f"prompt {i}" for i in range(10)]
+    index = _index(tmp_path, prompts, 4)
+    shards = [index.read(i) for i in range(index.n_shards)]
+    assert [len(s) for s in shards] == [index.size(i) for i in range(3)] == [4, 4, 2]
+    assert [p.prompt for s in shards for p in s] == prompts
+    assert [index.ref(i).name for i in range(3)] == ["shard-00000", "shard-00001", "shard-00002"]
 
 
-def test_appending_prompts_keeps_full_shards():
-    a, b = make_shards(_prompts(8), 4), make_shards(_prompts(11), 4)
-    assert [s.content_hash for s in a] == [s.content_hash for s in b[:2]]
-    changed = _prompts(8)
-    changed[5] = Prompt("s5", "other", {}, 5)
-    assert make_shards(changed, 4)[1].content_hash != a[1].content_hash
+def test_appending_prompts_keeps_full_shards(tmp_path):
+    prompts = [f"prompt {i}" for i in range(11)]
+    a, b = _index(tmp_path, prompts[:8], 4, "a.txt"), _index(tmp_path, prompts, 4, "b.txt")
+    assert a.n_shards == 2 and b.n_shards == 3
+    same_name = _index(tmp_path, prompts[:8], 4, "b.txt")  # ids come from the name and row
+    assert [same_name.content_hash(i) for i in range(2)] == [b.content_hash(i) for i in range(2)]
+    changed = _index(tmp_path, [*prompts[:5], "other", *prompts[6:8]], 4, "b.txt")
+    assert changed.content_hash(0) == same_name.content_hash(0)
+    assert changed.content_hash(1) != same_name.content_hash(1)
+    assert changed.content_hash(1) == content_hash(changed.read(1))
 
 
-def test_tasks_cover_every_variant_and_shard_once():
-    tasks = make_tasks(["full", "cat"], make_shards(_prompts(5), 2))
+def test_tasks_cover_every_variant_and_shard_once(tmp_path):
+    (tmp_path / "p.txt").write_text("".join(f"prompt {i}\n" for i in range(5)))
+    m = parse_manifest(MANIFEST, base_dir=str(tmp_path))
+    tasks = all_tasks(m, build_index(m.prompts, m.base_dir, m.shard_size))
     keys = [t.key for t in tasks]
     assert len(keys) == len(set(keys)) == 6
     assert keys[:2] == ["full/shard-00000", "cat/shard-00000"]
+    assert tasks[0].shard == tasks[1].shard and tasks.prompts() == 2 * 5
+
+
+def test_the_pools_queue_puts_back_first_and_retries_last_taking_the_list_lazily():
+    """Tasks put back go first (in order), then the rest of the list, then retries; the list is
+    read one task at a time (a compact list is never copied whole)."""
+    from catbatch.job.distributor import _Queue
+
+    class Listed(list):
+        read: list[int] = []
+
+        def __getitem__(self, i):
+            self.read.append(i)
+            return super().__getitem__(i)
+
+    queue = _Queue(Listed("abcde"))
+    assert (queue.popleft(), queue.popleft(), len(queue)) == ("a", "b", 3)
+    assert Listed.read == [0, 1]
+    queue.append("b")  # b failed: retried after the rest
+    queue.extendleft(["x", "y"])  # put back unstarted
+    assert list(queue) == ["x", "y", "c", "d", "e", "b"] and len(queue) == 6
+    assert [queue.popleft() for _ in range(6)] == ["x", "y", "c", "d", "e", "b"] and not queue
+
+
+MANIFEST = """\
+name: t
+model: {id: tiny-sd3}
+prompts: {path: p.txt}
+shard_size: 2
+variants: [{name: full, pruning: none}, {name: cat, pruning: {alpha: 0.5}}]
+output: out
+"""

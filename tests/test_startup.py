@@ -79,7 +79,13 @@ def test_validate_without_model_check_imports_no_engine_or_ray(job):
 def test_status_imports_no_engine_or_ray(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    record = {"name": "startup", "variants": ["full"], "planned_shards": {"full": {"s": 1}}}
+    record = {
+        "name": "startup",
+        "variants": ["full"],
+        "prompts": 2,
+        "images_per_prompt": 1,
+        "manifest": {"shard_size": 1},
+    }
     (out / "run.json").write_text(json.dumps(record))
     code, heavy, text = probe("status", str(out))
     assert code == 1 and "incomplete" in text, text

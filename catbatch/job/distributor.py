@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,7 +59,29 @@ def connect(address: str, num_cpus: int | None, object_store_mb: int) -> None:
         )
     else:
         kwargs["address"] = None if address == "auto" else address
-    ray.init(**kwargs)
+    with _keep_signal_handlers():
+        ray.init(**kwargs)
+
+
+@contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """Keep this process's SIGTERM and SIGINT handlers across ``ray.init``: Ray installs its own
+    (SIGTERM: exit with code 15, or 1 after killing the local cluster) and its core worker a
+    native one that prints a stack trace; the driver's own handlers (the clean stop) must stay."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    utils = ray._private.utils
+    install = utils.set_sigterm_handler
+    utils.set_sigterm_handler = lambda handler: None  # what ray.init would install
+    try:
+        yield
+    finally:
+        utils.set_sigterm_handler = install
+        for s, handler in previous.items():
+            if handler is not None:
+                signal.signal(s, handler)
 
 
 def plan_actors(
@@ -218,7 +241,7 @@ def _jsonable(v: Any) -> Any:
 
 @dataclass
 class PoolResult:
-    done: list[dict] = field(default_factory=list)
+    done: set[str] = field(default_factory=set)  # keys of the tasks committed
     failed: dict[str, str] = field(default_factory=dict)  # task key -> last error
     worker_info: dict = field(default_factory=dict)
     retries: list[tuple[str, str]] = field(default_factory=list)  # (task key, why)
@@ -328,10 +351,44 @@ class _PlacementWait:
         )
 
 
+class _Queue:
+    """Tasks to hand out: those put back (first), the rest of ``tasks`` in order, then retries.
+    The rest are taken from ``tasks`` one at a time, so a compact task list stays compact."""
+
+    def __init__(self, tasks: Sequence[Task]):
+        self.tasks, self.taken = tasks, 0
+        self.front: deque[Task] = deque()
+        self.retries: deque[Task] = deque()
+
+    def __len__(self) -> int:
+        return len(self.front) + len(self.tasks) - self.taken + len(self.retries)
+
+    def __iter__(self) -> Iterator[Task]:
+        yield from self.front
+        for n in range(self.taken, len(self.tasks)):
+            yield self.tasks[n]
+        yield from self.retries
+
+    def popleft(self) -> Task:
+        if self.front:
+            return self.front.popleft()
+        if self.taken < len(self.tasks):
+            self.taken += 1
+            return self.tasks[self.taken - 1]
+        return self.retries.popleft()
+
+    def extendleft(self, tasks: list[Task]) -> None:
+        """Put ``tasks`` back at the front, in their order."""
+        self.front.extendleft(reversed(tasks))
+
+    def append(self, task: Task) -> None:
+        self.retries.append(task)
+
+
 def run_pool(
     manifest: Manifest,
     source: dict,
-    tasks: list[Task],
+    tasks: Sequence[Task],
     n_actors: int,
     cpus: float,
     gpus: float,
@@ -374,7 +431,7 @@ def run_pool(
     max_starts = n_actors + max(2 * n_actors, spec.max_attempts * len(tasks))
 
     result = PoolResult()
-    queue: deque[Task] = deque(tasks)
+    queue = _Queue(tasks)
     attempts: dict[str, int] = {}
     starting: dict[Any, _Actor] = {}  # info ref -> actor loading its pipeline
     calls: dict[Any, tuple[_Actor, _Held]] = {}  # pending run / finish ref -> actor, task
@@ -421,17 +478,18 @@ def run_pool(
             result.retries.append((task.key, error))
             queue.append(task)
         else:
-            result.failed[task.key] = f"{error} ({attempts[task.key]} attempts)"
+            result.failed[task.key] = f"{error} ({attempts.pop(task.key)} attempts)"
 
     def requeue(actor: _Actor, back: list[Task], why: str) -> None:
         """Tasks that did not fail go back to the front of the queue, in order, uncounted."""
         for task in back:
             attempts[task.key] -= 1
             obs.task_requeued(actor.name, task, why)
-        queue.extendleft(reversed(back))
+        queue.extendleft(back)
 
     def finished(actor: _Actor, task: Task, out: dict) -> None:
-        result.done.append(out["stats"])
+        attempts.pop(task.key, None)  # (the driver holds nothing per finished task but its key)
+        result.done.add(task.key)
         obs.task_done(actor.name, task, out["stats"], out["events"])
 
     def committed(task: Task) -> dict | None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections.abc import Callable
@@ -55,7 +56,38 @@ _TRANSIENT_CODES = {
 
 
 class StorageError(OSError):
-    """The output storage stayed unreachable for the whole retry budget."""
+    """The storage stayed unreachable for the whole retry budget, or refused the request for a
+    reason other than a missing file (no credentials, access denied)."""
+
+
+_BACKEND_MODULES = ("botocore", "aiobotocore", "google", "azure")
+
+
+def describe_error(error: BaseException) -> str:
+    """A storage error in one line; missing S3 credentials get a hint where they come from."""
+    text = f"{type(error).__name__}: {error}"
+    if type(error).__name__ == "NoCredentialsError":
+        text += (
+            " (S3 credentials come from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+            "~/.aws or an instance role)"
+        )
+    return text
+
+
+def is_backend_error(error: BaseException) -> bool:
+    """An error of a storage backend's own library (botocore...), which fsspec passes on as is."""
+    return any(c.__module__.split(".")[0] in _BACKEND_MODULES for c in type(error).__mro__)
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """A file as a listing shows it: ``version`` changes whenever the file is rewritten (local:
+    modification time and inode; object stores: ETag or generation), ``md5`` is the content's
+    MD5 where the listing gives it (an S3 ETag of a single-part upload)."""
+
+    size: int
+    version: str | None
+    md5: str | None = None
 
 
 def is_transient(error: BaseException) -> bool:
@@ -136,6 +168,8 @@ class OutputLayout:
                 return fn()
             except Exception as e:
                 if not is_transient(e):
+                    if is_backend_error(e):
+                        raise StorageError(f"{what}: {describe_error(e)}") from e
                     raise
                 self.fs.invalidate_cache()
                 elapsed = time.monotonic() - start
@@ -194,7 +228,7 @@ class OutputLayout:
         return self.retrying(f"creating {self.display(path)}", put)
 
     def write_json(self, path: str, obj: Any) -> None:
-        self.write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        self.write_bytes(path, json_bytes(obj))
 
     def read_bytes(self, path: str) -> bytes | None:
         """The file's content, or None when it does not exist."""
@@ -237,23 +271,46 @@ class OutputLayout:
 
         return self.retrying(f"listing {self.display(folder)}", ls)
 
-    def list_sizes(self, *parts: str) -> dict[str, int]:
-        """``{name: size in bytes}`` of the files in a folder (fresh listing); {} if none."""
+    def list_files(self, *parts: str, suffix: str = "") -> dict[str, FileEntry]:
+        """``{name: entry}`` of the files in a folder whose names end with ``suffix``, in one
+        (paginated) fresh listing; {} if none."""
         folder = self.path(*parts)
+        if self.is_local:
+            return _list_local(folder, suffix)
 
-        def ls() -> dict[str, int]:
+        def ls() -> dict[str, FileEntry]:
             self.fs.invalidate_cache(folder)
             try:
                 entries = self.fs.ls(folder, detail=True)
             except FileNotFoundError:
                 return {}
+            self.fs.invalidate_cache(folder)  # fsspec keeps listings: not 300k entries
+            names = (e["name"].rstrip("/").rsplit("/", 1)[1] for e in entries)
             return {
-                e["name"].rstrip("/").rsplit("/", 1)[1]: int(e.get("size") or 0)
-                for e in entries
-                if e.get("type") != "directory"
+                name: _remote_entry(e)
+                for name, e in zip(names, entries, strict=True)
+                if e.get("type") != "directory" and name.endswith(suffix)
             }
 
         return self.retrying(f"listing {self.display(folder)}", ls)
+
+    def put_file(self, local_path: str, path: str) -> None:
+        """Copy a local file to ``path`` (streamed) so that it appears only when complete."""
+        if self.is_local:
+            os.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            try:
+                shutil.copyfile(local_path, tmp)
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            self.retrying(
+                f"writing {self.display(path)}", lambda: self.fs.put_file(local_path, path)
+            )
 
     def move(self, path: str, target: str) -> None:
         """Move a file (copy then delete on object stores), making the target's folder."""
@@ -282,6 +339,37 @@ class OutputLayout:
             self.fs.rm(probe)
         except Exception as e:  # noqa: BLE001 - any backend error means "not writable"
             raise OSError(f"output location {self.display()} is not writable: {e}") from None
+
+
+def json_bytes(obj: Any) -> bytes:
+    """How :meth:`OutputLayout.write_json` serializes (stats files included)."""
+    return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _list_local(folder: str, suffix: str = "") -> dict[str, FileEntry]:
+    out = {}
+    try:
+        with os.scandir(folder) as entries:  # one at a time: a folder may hold 300k files
+            for entry in entries:
+                if not entry.name.endswith(suffix):
+                    continue
+                try:
+                    if not entry.is_file():
+                        continue
+                    st = entry.stat()
+                except FileNotFoundError:  # removed while we looked
+                    continue
+                out[entry.name] = FileEntry(st.st_size, f"{st.st_mtime_ns}:{st.st_ino}")
+    except FileNotFoundError:
+        return {}
+    return out
+
+
+def _remote_entry(e: dict[str, Any]) -> FileEntry:
+    etag = str(e.get("ETag") or e.get("etag") or "").strip('"') or None
+    version = etag or e.get("generation") or e.get("mtime") or e.get("LastModified")
+    md5 = etag if etag and len(etag) == 32 and "-" not in etag else None
+    return FileEntry(int(e.get("size") or 0), None if version is None else str(version), md5)
 
 
 def _write_local_tmp(path: str, data: bytes) -> str:

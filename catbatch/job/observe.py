@@ -110,18 +110,25 @@ _METRICS = (
 METRIC_NAMES = tuple(f"catbatch_{name}" for name, _, _ in _METRICS)
 
 
+SEGMENT_EVENTS = 5000
+
+
 @dataclass
 class EventLog:
     """JSON-lines logs of one run: ``logs/<run_id>/<source>.jsonl`` (driver, actor-N).
 
-    Each file is rewritten whole (atomically) when its source reports, so an object store
-    works as well as a disk; a write that fails is retried at the next report.
+    A file is rewritten whole (atomically) when its source reports, so an object store works as
+    well as a disk; a write that fails is retried at the next flush. Once a file holds
+    :data:`SEGMENT_EVENTS` events the source goes on in ``<source>.1.jsonl``, then ``.2`` ...:
+    a flush rewrites only the newest file of each source, and only its events stay in memory.
     """
 
     layout: OutputLayout
     run_id: str = field(default_factory=lambda: time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
-    events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    events: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # newest file's
     _dirty: set[str] = field(default_factory=set)
+    _segment: dict[str, int] = field(default_factory=dict)
+    _flushed: float = float("-inf")
 
     @property
     def folder(self) -> str:
@@ -135,17 +142,26 @@ class EventLog:
     def note(self, source: str, kind: str, **fields: Any) -> None:
         self.add(source, [{"t": round(time.time(), 3), "event": kind, **fields}])
 
-    def flush(self) -> None:
+    def flush(self, every_s: float = 0.0) -> None:
+        """Write what is new; with ``every_s``, only if the last flush is that long ago."""
+        now = time.monotonic()
+        if now - self._flushed < every_s:
+            return
+        self._flushed = now
         for source in sorted(self._dirty):
-            text = "".join(json.dumps(e, default=str) + "\n" for e in self.events[source])
+            events = self.events[source]
+            segment = self._segment.get(source, 0)
+            name = f"{source}.{segment}.jsonl" if segment else f"{source}.jsonl"
+            text = "".join(json.dumps(e, default=str) + "\n" for e in events)
             try:
-                self.layout.write_bytes(
-                    self.layout.path(LOG_DIR, self.run_id, f"{source}.jsonl"), text.encode()
-                )
+                self.layout.write_bytes(self.layout.path(LOG_DIR, self.run_id, name), text.encode())
             except OSError as e:  # logs never fail a job; the next flush tries again
                 log.warning("could not write the %s log: %s", source, e)
                 continue
             self._dirty.discard(source)
+            if len(events) >= SEGMENT_EVENTS:
+                self._segment[source] = segment + 1
+                self.events[source] = []
 
 
 class PoolObserver:

@@ -5,8 +5,10 @@ Shard ``i`` always holds prompts ``[i * shard_size, (i + 1) * shard_size)`` of t
 prompts are appended after a run committed a short last shard, that shard's file is never
 rewritten: the prompts it lacks go to an extension piece ``shard-0000i-x1`` (then ``-x2`` ...).
 Each committed piece covers the next ``rows / images_per_prompt`` prompts of its shard, and its
-stats' ``content_hash`` must match exactly those prompts; otherwise the run is refused, naming
-the piece. So every (sample, image, variant) is made exactly once across pieces.
+stats' ``content_hash`` must match exactly those prompts (a whole shard's hash comes from the
+shard index; a part of a shard is hashed from the shard's prompts, read from the source);
+otherwise the run is refused, naming the piece. So every (sample, image, variant) is made
+exactly once across pieces.
 
 A committed piece whose file does not match its stats (:mod:`catbatch.job.verify`) is damaged:
 it is pending again, for the same prompts, and the caller moves its files aside.
@@ -17,129 +19,226 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow.parquet as pq
 
 from catbatch.job import verify
+from catbatch.job.commits import CommitStats
 from catbatch.job.layout import OutputLayout
-from catbatch.job.sharding import Shard, Task
+from catbatch.job.prompts import Prompt
+from catbatch.job.shardindex import ShardIndex, ShardRefs, SourceChanged, read_piece
+from catbatch.job.sharding import ShardRef, Task, content_hash, parse_piece, piece_name
 from catbatch.job.writer import Row, ShardStats, write_shard
-
-_PIECE = re.compile(r"^shard-(\d{5,})(?:-x(\d+))?$")
 
 
 class ResumeError(RuntimeError):
     """Committed output that no longer matches the prompt source."""
 
 
-@dataclass(frozen=True)
-class ShardPart(Shard):
-    """Piece ``part`` of shard ``index`` (part 0 is the shard itself)."""
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """Prompts ``[first, first + count)`` of shard ``index``, as part ``part``: ``committed``,
+    ``damaged`` (committed, but its file does not match its stats) or ``pending``."""
 
-    part: int = 0
+    index: int
+    part: int
+    first: int
+    count: int
+    state: str
+    stats: CommitStats | None = None
 
     @property
     def name(self) -> str:
         return piece_name(self.index, self.part)
 
 
-def piece_name(index: int, part: int) -> str:
-    return f"shard-{index:05d}" + (f"-x{part}" if part else "")
+def lay_out(
+    variant: str,
+    n_shards: int,
+    size: Callable[[int], int],
+    found: verify.Pieces,
+    images_per_prompt: int,
+    same_prompts: Callable[[Piece], bool] | None = None,
+) -> tuple[list[Piece], list[str]]:
+    """Every piece of the variant's ``n_shards`` shards (shard ``i`` holds ``size(i)`` prompts)
+    given its committed pieces, in shard order, and what does not fit (the first makes resume
+    refuse the run). ``same_prompts`` checks a committed piece's content hash.
+
+    A damaged piece whose stats cannot be read must be its shard's last piece: it is made again
+    with the rest of the shard."""
+    all_stats = {**found.stats, **found.damaged_stats}
+    by_index: dict[int, dict[int, str]] = {}
+    for name in all_stats:
+        parsed = parse_piece(name)
+        if parsed is not None:
+            by_index.setdefault(parsed[0], {})[parsed[1]] = name
+    problems = []
+    extra = sorted(i for i in by_index if i >= n_shards)
+    if extra:
+        problems.append(
+            f"shard {variant}/{piece_name(extra[0])} is committed but the prompt source now "
+            f"has only {n_shards} shard(s): prompts were removed; restore the prompt source "
+            "or write to a new output"
+        )
+    pieces: list[Piece] = []
+    for index in range(n_shards):
+        parts, n_prompts = by_index.get(index), size(index)
+        if not parts:
+            pieces.append(Piece(index, 0, 0, n_prompts, "pending"))
+            continue
+        shard, problem = _lay_out_shard(
+            variant,
+            index,
+            n_prompts,
+            parts,
+            all_stats,
+            found.damaged,
+            images_per_prompt,
+            same_prompts,
+        )
+        if problem:
+            problems.append(problem)
+        pieces += shard
+    return pieces, problems
 
 
-def parse_piece(name: str) -> tuple[int, int] | None:
-    """(shard index, part) of a piece name, or None for other names."""
-    m = _PIECE.match(name)
-    return None if m is None else (int(m.group(1)), int(m.group(2) or 0))
+def _lay_out_shard(
+    variant: str,
+    index: int,
+    n_prompts: int,
+    parts: dict[int, str],
+    all_stats: dict[str, CommitStats | None],
+    damaged: dict[str, str],
+    images_per_prompt: int,
+    same_prompts: Callable[[Piece], bool] | None,
+) -> tuple[list[Piece], str | None]:
+    if sorted(parts) != list(range(len(parts))):
+        return [], (
+            f"shard {variant}/{piece_name(index)}: committed pieces {sorted(parts.values())} "
+            "are not consecutive; the output was edited by hand"
+        )
+    out: list[Piece] = []
+    covered, rest = 0, len(parts)  # rest: the part number of what remains to make
+    for part in range(len(parts)):
+        name = parts[part]
+        stats = all_stats.get(name)
+        if stats is None:  # damaged, and its stats cannot tell which prompts it held
+            rest = part
+            if part < len(parts) - 1:
+                return [], (
+                    f"shard {variant}/{name} is damaged ({damaged[name]}) and later pieces of "
+                    "its shard are committed, so its prompts are unknown; restore it or write "
+                    "to a new output"
+                )
+            break  # made again below, with the rest of the shard
+        n = stats.rows // images_per_prompt
+        piece = Piece(index, part, covered, n, "damaged" if name in damaged else "committed", stats)
+        if (
+            n <= 0
+            or covered + n > n_prompts
+            or (same_prompts is not None and not same_prompts(piece))
+        ):
+            return [], (
+                f"shard {variant}/{name} is committed but its prompts changed since; restore "
+                "the prompt source or write to a new output"
+            )
+        out.append(piece)
+        covered += n
+    if covered < n_prompts:
+        out.append(Piece(index, rest, covered, n_prompts - covered, "pending"))
+    return out, None
 
 
 @dataclass
 class VariantPlan:
-    """One variant's pieces: committed (with their prompts), pending, to retry, damaged."""
+    """One variant's pieces: how many are committed, which to make, which to retry."""
 
-    committed: list[ShardPart] = field(default_factory=list)
-    pending: list[ShardPart] = field(default_factory=list)
+    pending: Sequence[ShardRef] = field(default_factory=list)  # damaged ones included
+    committed: int = 0
+    images: int = 0  # of every piece, committed or not
+    failed: list[ShardRef] = field(default_factory=list)  # committed with failed images
     failed_images: dict[str, int] = field(default_factory=dict)  # committed piece -> failed
     damaged: dict[str, str] = field(default_factory=dict)  # piece -> what is wrong (pending)
+    found: verify.Pieces | None = None  # what was read (the driver records it in the digest)
 
-    def planned(self, images_per_prompt: int) -> dict[str, int]:
-        """Every piece of the run (committed or not) and its number of images."""
-        pieces = sorted(self.committed + self.pending, key=lambda s: (s.index, s.part))
-        return {s.name: len(s.prompts) * images_per_prompt for s in pieces}
+    def summary(self) -> dict[str, int]:
+        return {"pieces": self.committed + len(self.pending), "images": self.images}
 
 
 def plan_variant(
     layout: OutputLayout,
     variant: str,
-    shards: list[Shard],
+    index: ShardIndex,
     images_per_prompt: int,
     deep: bool = False,
 ) -> VariantPlan:
-    """Match the variant's committed pieces against ``shards``; raise naming any mismatch.
+    """Match the variant's committed pieces against the shard index; raise naming any mismatch.
 
     Damaged pieces (``deep``: by sha256 and footer too, see :mod:`catbatch.job.verify`) become
-    pending for the prompts their stats name; one whose stats are unreadable must be its
-    shard's last piece (it is then made again with the rest of the shard)."""
+    pending for the prompts their stats name."""
     found = verify.check_pieces(layout, variant, deep)
-    all_stats = {**found.stats, **found.damaged_stats}
-    by_index: dict[int, dict[int, str]] = {}
-    for name in sorted(all_stats):
-        parsed = parse_piece(name)
-        if parsed is not None:
-            by_index.setdefault(parsed[0], {})[parsed[1]] = name
-    extra = sorted(i for i in by_index if i >= len(shards))
-    if extra:
-        raise ResumeError(
-            f"shard {variant}/{piece_name(extra[0], 0)} is committed but the prompt source now "
-            f"has only {len(shards)} shard(s): prompts were removed; restore the prompt source "
-            "or write to a new output"
-        )
-    plan = VariantPlan(damaged=dict(found.damaged))
-    for shard in shards:
-        parts = by_index.get(shard.index, {})
-        if sorted(parts) != list(range(len(parts))):
-            raise ResumeError(
-                f"shard {variant}/{shard.name}: committed pieces {sorted(parts.values())} "
-                "are not consecutive; the output was edited by hand"
-            )
-        covered, rest = 0, len(parts)  # rest: the part number of what remains to make
-        for part in range(len(parts)):
-            name = parts[part]
-            stats = all_stats.get(name)
-            if stats is None:  # damaged, and its stats cannot tell which prompts it held
-                rest = part
-                if part < len(parts) - 1:
-                    raise ResumeError(
-                        f"shard {variant}/{name} is damaged ({found.damaged[name]}) and later "
-                        "pieces of its shard are committed, so its prompts are unknown; restore "
-                        "it or write to a new output"
-                    )
-                break  # made again below, with the rest of the shard
-            n = int(stats.get("rows", -1)) // images_per_prompt
-            piece = ShardPart(shard.index, shard.prompts[covered : covered + n], part)
-            if (
-                n <= 0
-                or covered + n > len(shard.prompts)
-                or stats.get("content_hash") != piece.content_hash
-            ):
-                raise ResumeError(
-                    f"shard {variant}/{parts[part]} is committed but its prompts changed since; "
-                    "restore the prompt source or write to a new output"
-                )
-            if name in found.damaged:
-                plan.pending.append(piece)
-            else:
-                plan.committed.append(piece)
-                if stats.get("images_failed"):
-                    plan.failed_images[piece.name] = int(stats["images_failed"])
-            covered += n
-        if covered < len(shard.prompts):
-            plan.pending.append(ShardPart(shard.index, shard.prompts[covered:], rest))
+    hashes = _PieceHashes(index)
+    pieces, problems = lay_out(
+        variant,
+        index.n_shards,
+        index.size,
+        found,
+        images_per_prompt,
+        lambda piece: piece.stats is not None and piece.stats.content_hash == hashes.of(piece),
+    )
+    if problems:
+        raise ResumeError(problems[0])
+    pending = ShardRefs(index)  # (a fresh run's every shard at 8 bytes each)
+    plan = VariantPlan(pending, damaged=dict(found.damaged), found=found)
+    for piece in pieces:
+        plan.images += piece.count * images_per_prompt
+        if piece.state == "committed":
+            plan.committed += 1
+            if piece.stats and piece.stats.images_failed:
+                plan.failed_images[piece.name] = piece.stats.images_failed
+                plan.failed.append(hashes.ref(piece))
+        else:
+            pending.append(hashes.entry(piece))
     return plan
+
+
+class _PieceHashes:
+    """Content hashes of pieces: a whole shard's from the index, a part's from the shard's
+    prompts (read once per shard)."""
+
+    def __init__(self, index: ShardIndex):
+        self.index = index
+        self.prompts: dict[int, list[Prompt]] = {}
+
+    def of(self, piece: Piece) -> str:
+        if piece.first == 0 and piece.count == self.index.size(piece.index):
+            return self.index.content_hash(piece.index)
+        if piece.index not in self.prompts:
+            try:
+                self.prompts[piece.index] = self.index.read(piece.index)
+            except SourceChanged as e:
+                raise ResumeError(str(e)) from None
+        return content_hash(self.prompts[piece.index][piece.first : piece.first + piece.count])
+
+    def entry(self, piece: Piece) -> ShardRef | int:
+        """The piece as :class:`ShardRefs` holds it: a whole shard as its number."""
+        whole = piece.part == 0 and piece.count == self.index.size(piece.index)
+        return piece.index if whole else self.ref(piece)
+
+    def ref(self, piece: Piece) -> ShardRef:
+        if piece.part == 0 and piece.count == self.index.size(piece.index):
+            return self.index.ref(piece.index)
+        return dataclasses.replace(
+            self.index.ref(piece.index),
+            part=piece.part,
+            first=piece.first,
+            count=piece.count,
+            content_hash=self.of(piece),
+        )
 
 
 # -- --retry-failed ---------------------------------------------------------------------------
@@ -169,7 +268,9 @@ def retry_failed(worker: Any, layout: OutputLayout, task: Task) -> ShardStats:
     if data is None:
         raise FileNotFoundError(layout.display(layout.shard_parquet(variant, name)))
     rows = [row_from_record(r) for r in pq.read_table(io.BytesIO(data)).to_pylist()]
-    items = {(it.prompt.sample_id, it.image_index): it for it in worker.items(task.shard.prompts)}
+    items = {
+        (it.prompt.sample_id, it.image_index): it for it in worker.items(read_piece(task.shard))
+    }
     todo = [
         items[(r.sample_id, r.image_index)]
         for r in rows

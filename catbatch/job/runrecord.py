@@ -3,18 +3,24 @@
 It outlives each submission: every submission appends an entry to ``submissions`` (when, which
 host, what it ran, how it ended, its log folder, its own counts), the pipeline description and
 log folder of the last submission that ran something are kept, and ``summary`` counts every
-committed shard, whichever submission wrote it.
+committed shard, whichever submission wrote it. Its size does not grow with the prompt count:
+per variant it keeps the number of planned pieces and images (``planned``), and it points at the
+shard index (``shard_index``, :mod:`catbatch.job.shardindex`) instead of listing the shards.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
+import re
 import socket
+import sys
 import time
-from pathlib import PurePosixPath
+from importlib import metadata
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from catbatch.job.layout import OutputLayout
@@ -72,18 +78,40 @@ def fingerprint(manifest: Manifest, model_source: dict | None = None) -> str:
 
 
 def versions() -> dict[str, str | None]:
-    import diffusers
-    import torch
-
+    """What the images depend on, from the installed packages: the driver imports neither
+    torch nor diffusers for it (that alone took about 800 MB and seconds)."""
     import catbatch
 
     return {
         "catbatch": catbatch.__version__,
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "cuda": torch.version.cuda,
+        "torch": _torch_version("__version__") or _installed("torch"),
+        "diffusers": _installed("diffusers"),
+        "cuda": _torch_version("cuda"),
     }
+
+
+def _installed(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _torch_version(name: str) -> str | None:
+    """``torch.version.<name>`` (``__version__``, ``cuda``), read from torch's ``version.py``
+    unless torch is imported already."""
+    if "torch" in sys.modules:
+        return getattr(sys.modules["torch"].version, name, None)
+    spec = importlib.util.find_spec("torch")
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        text = (Path(spec.origin).parent / "version.py").read_text()
+    except OSError:
+        return None
+    m = re.search(rf"^{re.escape(name)}\b[^=]*=\s*'([^']*)'", text, re.MULTILINE)
+    return m.group(1) if m else None
 
 
 def now() -> str:
@@ -110,25 +138,19 @@ def submission_entry(tasks: int, retry_tasks: int, logs: str | None) -> dict[str
     }
 
 
-def committed_totals(layout: OutputLayout, planned: dict[str, dict[str, int]]) -> dict[str, int]:
-    """Images and shard pieces of the run over every committed piece of ``planned``."""
-    paths = [layout.shard_stats(v, name) for v, pieces in planned.items() for name in pieces]
-    stats = [s for s in map(_json_or_none, layout.read_bytes_many(paths).values()) if s]
-    return {
-        "shards_planned": len(paths),
-        "shards_committed": len(stats),
-        "images_ok": sum(int(s.get("images_ok", 0)) for s in stats),
-        "images_failed": sum(int(s.get("images_failed", 0)) for s in stats),
-        "images_invalid": sum(int(s.get("images_invalid", 0)) for s in stats),
-    }
+def committed_totals(
+    layout: OutputLayout, variants: list[str], received: dict | None = None
+) -> dict[str, Any]:
+    """Images and shard pieces over every committed piece of ``variants`` (one listing each;
+    stats from the commit digest, ``received`` stats as actors wrote them, else their files),
+    and the digest brought up to date (:func:`catbatch.job.commits.refresh`)."""
+    from catbatch.job.commits import refresh
 
-
-def _json_or_none(data: bytes) -> dict | None:
-    try:
-        obj = json.loads(data)
-    except ValueError:
-        return None  # a damaged stats file: the next submit moves it aside
-    return obj if isinstance(obj, dict) else None
+    totals: dict[str, Any] = {}
+    for variant in variants:
+        for key, value in refresh(layout, variant, (received or {}).get(variant)).items():
+            totals[key] = totals.get(key, 0) + value
+    return totals
 
 
 def run_record(
@@ -143,8 +165,10 @@ def run_record(
     logs: str | None = None,
     previous: dict[str, Any] | None = None,
     submission: dict[str, Any] | None = None,
+    shard_index: str | None = None,
 ) -> dict[str, Any]:
-    """The run record; ``planned`` maps each variant to its pieces and their image counts.
+    """The run record; ``planned`` maps each variant to its number of pieces and images,
+    ``shard_index`` is the shard index's file, relative to the output.
 
     ``previous`` is the record of the same run before this submission: its pipeline and logs
     stay unless this submission has its own, and ``submission`` is appended to its entries."""
@@ -164,7 +188,8 @@ def run_record(
         "versions": versions(),
         "prompts": n_prompts,
         "shards": n_shards,
-        "planned_shards": planned or {},
+        "shard_index": shard_index,
+        "planned": planned or {},
         **({"logs": logs} if logs else {}),
         "images_per_prompt": manifest.images_per_prompt,
         "status": status,

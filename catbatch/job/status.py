@@ -1,10 +1,13 @@
 """``catbatch status OUTPUT``: committed, pending and failed shards and images, per variant.
 
-Reads only the output (local or any fsspec URL): the run record's planned pieces (written at
-submit), the stats files (commit markers), the sizes of the Parquet files (with ``verify``
-their contents: sha256 and footer, see :mod:`catbatch.job.verify`) and the lease. Needs no
-manifest or prompt source. A damaged shard is not committed: it is named, and the run is not
-complete until a submit has made it again.
+Reads only the output (local or any fsspec URL): the run record (how many prompts, the shard
+size), one listing of each variant's folder with the commit digest (:mod:`catbatch.job.commits`:
+stats files are read only where the digest does not cover them), the sizes of the Parquet files
+(with ``verify`` their contents: sha256 and footer, see :mod:`catbatch.job.verify`) and the
+lease. The planned pieces follow from the prompt count, the shard size and the committed pieces,
+as resume lays them out (:func:`catbatch.job.resume.lay_out`). Needs no manifest or prompt
+source. A damaged shard is not committed: it is named, and the run is not complete until a
+submit has made it again.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any
 
 from catbatch.job.layout import OutputLayout
 from catbatch.job.lease import current_lease
-from catbatch.job.verify import check_pieces
+from catbatch.job.resume import Piece, lay_out
+from catbatch.job.verify import Pieces, check_pieces
 
 
 class StatusError(RuntimeError):
@@ -35,6 +39,7 @@ class VariantStatus:
     images_failed: int = 0  # generation failed: submit --retry-failed makes them again
     images_invalid: int = 0  # their prompts cannot be generated (empty, NUL byte): final
     images_pending: int = 0
+    problems: list[str] = field(default_factory=list)  # committed pieces that do not fit the plan
 
 
 @dataclass
@@ -49,7 +54,10 @@ class OutputStatus:
 
     @property
     def complete(self) -> bool:
-        return all(not v.pending_shards and not v.damaged_shards for v in self.variants.values())
+        return all(
+            not v.pending_shards and not v.damaged_shards and not v.problems
+            for v in self.variants.values()
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "complete": self.complete}
@@ -89,6 +97,8 @@ class OutputStatus:
         verify = " --verify" if self.verified else ""
         again = f"submit{verify} moves it aside and makes it again"
         for name, v in self.variants.items():
+            for problem in v.problems:
+                out.append(f"problem: {problem}")
             for shard, why in v.damaged_shards.items():
                 out.append(f"damaged shard {name}/{shard}: {why} ({again})")
             for shard, err in v.failed_shards.items():
@@ -113,32 +123,30 @@ def output_status(url: str, verify: bool = False) -> OutputStatus:
     record = layout.read_json(layout.run_record)
     if record is None:
         raise StatusError(f"{layout.display()} holds no catbatch run (no {layout.run_record})")
-    planned: dict[str, dict[str, int]] = record.get("planned_shards") or {}
     failed_tasks: dict[str, str] = (record.get("summary") or {}).get("failed_tasks") or {}
     variants = {}
-    for variant in record.get("variants", list(planned)):
-        v = VariantStatus()
-        pieces = planned.get(variant, {})
+    for variant in record.get("variants") or []:
         found = check_pieces(layout, variant, deep=verify)
-        stats = found.stats
-        committed = set(stats)
-        v.damaged_shards = dict(found.damaged)
+        pieces, problems = planned_pieces(record, variant, found)
+        v = VariantStatus(damaged_shards=dict(found.damaged), problems=problems)
         v.planned_shards = len(pieces)
-        v.committed_shards = len(committed & set(pieces))
-        v.images_planned = sum(pieces.values())
-        for name, n_images in pieces.items():
-            if name not in committed:
-                v.pending_shards.append(name)
-                v.images_pending += n_images
-                if f"{variant}/{name}" in failed_tasks:
-                    v.failed_shards[name] = failed_tasks[f"{variant}/{name}"]
-        for name, s in stats.items():
-            v.images_ok += int(s.get("images_ok", 0))
-            v.images_failed += int(s.get("images_failed", 0))
-            v.images_invalid += int(s.get("images_invalid", 0))
-            if s.get("images_failed"):
+        for piece in pieces:
+            images = piece.count * int(record.get("images_per_prompt") or 1)
+            v.images_planned += images
+            if piece.state == "committed":
+                v.committed_shards += 1
+                continue
+            v.pending_shards.append(piece.name)
+            v.images_pending += images
+            if f"{variant}/{piece.name}" in failed_tasks:
+                v.failed_shards[piece.name] = failed_tasks[f"{variant}/{piece.name}"]
+        for name, s in found.stats.items():
+            v.images_ok += s.images_ok
+            v.images_failed += s.images_failed
+            v.images_invalid += s.images_invalid
+            if s.images_failed:
                 v.shards_with_failed_images.append(name)
-            if s.get("images_invalid"):
+            if s.images_invalid:
                 v.shards_with_invalid_images.append(name)
         variants[variant] = v
     return OutputStatus(
@@ -149,6 +157,27 @@ def output_status(url: str, verify: bool = False) -> OutputStatus:
         lease=_lease_line(layout),
         variants=variants,
         verified=verify,
+    )
+
+
+def planned_pieces(
+    record: dict[str, Any], variant: str, found: Pieces
+) -> tuple[list[Piece], list[str]]:
+    """The variant's pieces as the run record's last submit planned them (prompt count, shard
+    size, images per prompt) given what is committed now, and what does not fit."""
+    try:
+        n_prompts = int(record["prompts"])
+        shard_size = int(record["manifest"]["shard_size"])
+        images_per_prompt = int(record["images_per_prompt"])
+    except (KeyError, TypeError, ValueError):
+        return [], ["the run record lacks the prompt count, shard size or images per prompt"]
+    n_shards = -(-n_prompts // shard_size)
+    return lay_out(
+        variant,
+        n_shards,
+        lambda i: min(shard_size, n_prompts - i * shard_size),
+        found,
+        images_per_prompt,
     )
 
 

@@ -53,6 +53,7 @@ from catbatch.job.manifest import Manifest, Sampling
 from catbatch.job.overlap import BoundedPool, DeviceImages, to_host
 from catbatch.job.prompts import Prompt
 from catbatch.job.seeds import image_generator, image_seed
+from catbatch.job.shardindex import read_piece
 from catbatch.job.sharding import Task
 from catbatch.job.writer import Row, ShardStats, write_shard
 from catbatch.metrics import adherence
@@ -242,7 +243,8 @@ class Worker:
         return self.start_task(task, layout).result()
 
     def start_task(self, task: Task, layout: OutputLayout) -> PendingShard:
-        """Make every batch of the task's shard and hand its commit to the committer thread.
+        """Read the task's prompts from the source, make every batch of its shard and hand its
+        commit to the committer thread.
 
         Returns once the last pipeline call is done: the rows of the last batches, the Parquet
         file and the stats file (the commit marker, written last, only once the Parquet file is
@@ -252,7 +254,7 @@ class Worker:
         if self.faults:
             self.faults.before_task(task)
         run = _TaskRun(task, self.variants[task.variant])
-        items = self.items(task.shard.prompts)
+        items = self.items(read_piece(task.shard))  # the task says where its prompts are
         self.event("task_start", task=task.key, images=len(items))
         bs = self.manifest.batch_size
         good = [it for it in items if it.prompt.problem is None]

@@ -277,8 +277,11 @@ def default_baseline(variants: dict[str, VariantData]) -> str | None:
 
 def completeness(run: RunData) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Per variant: planned and missing shards; and the notes that say why a run is partial."""
+    from catbatch.job.commits import CommitStats
+    from catbatch.job.status import planned_pieces
+    from catbatch.job.verify import Pieces
+
     record = run.record or {}
-    planned_all = record.get("planned_shards") or {}
     notes = []
     status = record.get("status")
     if run.record is None:
@@ -288,7 +291,8 @@ def completeness(run: RunData) -> tuple[dict[str, dict[str, Any]], list[str]]:
     out = {}
     for name, vd in run.variants.items():
         committed = set(vd.stats)
-        planned = planned_all.get(name)
+        stats = {n: s for n, s in ((n, CommitStats.of(d)) for n, d in vd.stats.items()) if s}
+        planned = [p.name for p in planned_pieces(record, name, Pieces(stats=stats))[0]]
         if planned:
             missing = sorted(set(planned) - committed)
             n_planned = len(planned)
