@@ -49,7 +49,8 @@ def load(
             raise TypeError("a Manifest takes no overrides or base_dir: pass its path or dict")
         return manifest
     if isinstance(manifest, Mapping):
-        return manifest_from_dict(dict(manifest), "<dict>", str(base_dir or "."), overrides)
+        folder = os.path.abspath(base_dir or ".")  # actors may run in another directory
+        return manifest_from_dict(dict(manifest), "<dict>", folder, overrides)
     return load_manifest(manifest, overrides)
 
 

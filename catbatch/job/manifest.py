@@ -258,7 +258,9 @@ def load_manifest(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         raise ManifestError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except OSError as e:
         raise ManifestError(f"{path}: cannot read manifest: {e.strerror}") from None
-    return parse_manifest(text, source=str(path), base_dir=str(path.parent), overrides=overrides)
+    # absolute: Ray actors of a cluster started elsewhere have another working directory
+    base_dir = str(path.parent.absolute())
+    return parse_manifest(text, source=str(path), base_dir=base_dir, overrides=overrides)
 
 
 def parse_manifest(
