@@ -190,7 +190,8 @@ def open_output(
         )
     pieces = check_pieces(layout, variant, deep=verify)
     files = [layout.shard_parquet(variant, name) for name in sorted(pieces.stats)]
-    return ds.dataset(files, schema=SCHEMA, format="parquet", filesystem=layout.fs)
+    schema = None if files else SCHEMA  # the files' own (with their metadata) when there are any
+    return ds.dataset(files, schema=schema, format="parquet", filesystem=layout.fs)
 
 
 def refuse_if_busy(url: str) -> None:

@@ -121,7 +121,8 @@ def test_open_output_reads_committed_intact_shards_and_images_when_asked(runs, t
     out = tmp_path / "out"
     shutil.copytree(src / "out", out)
     folder = out / "variants" / "full"
-    assert catbatch.open_output(out).count_rows() == 3
+    ds = catbatch.open_output(out)
+    assert ds.count_rows() == 3 and ds.schema.metadata[b"catbatch.schema_version"] == b"1"
 
     # shard-00001 damaged (size differs from its stats), a Parquet file without its commit
     damaged = folder / "shard-00001.parquet"
@@ -250,3 +251,10 @@ def test_relative_paths_resolve_from_the_callers_directory(tmp_path, monkeypatch
     from_dict = catbatch.load(yaml.safe_load(MANIFEST))
     for m in (from_file, from_dict):
         assert m.output_url == str(tmp_path / "out")
+
+
+def test_open_output_of_a_run_without_commits_is_empty(tmp_path):
+    record = {"name": "api", "variants": ["full"], "prompts": 2, "images_per_prompt": 1}
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    ds = catbatch.open_output(tmp_path)
+    assert ds.count_rows() == 0 and "image" in ds.schema.names
