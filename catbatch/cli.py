@@ -11,10 +11,10 @@ from typing import Any, NoReturn
 
 import click
 
-from catbatch.job.manifest import ManifestError, load_manifest
+from catbatch import api
+from catbatch.errors import CatbatchError, Stopped
 
 EXIT_BAD_INPUT = 2
-EXIT_BUSY = 3  # another submission holds the output's lease
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
@@ -22,83 +22,26 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     sys.exit(code)
 
 
-def _load(manifest_path: str, overrides: dict[str, Any]):
-    try:
-        return load_manifest(manifest_path, overrides)
-    except ManifestError as e:
-        _fail(str(e))
-
-
-def _plan(m, check_model: bool = True, rescan: bool = False):
-    from catbatch.job.driver import JobError, plan
-    from catbatch.job.prompts import PromptSourceError
-    from catbatch.models.loader import ModelLoadError
-
-    try:
-        return plan(m, check_model=check_model, rescan=rescan)
-    except (PromptSourceError, ModelLoadError, JobError) as e:
-        _fail(str(e))
+def _stderr(message: str) -> None:
+    click.echo(message, err=True)
 
 
 @contextmanager
-def _stoppable() -> Iterator[Any]:
-    """SIGTERM and SIGINT end the command with 128 + the signal (143, 130) wherever they come:
-    planning and Ray start-up stop at once (every file written is complete), a running pool
-    stops handing out shards (see catbatch.job.driver.StopSignals)."""
-    from catbatch.job.driver import Interrupted, stop_signals
-
+def _exit_codes() -> Iterator[None]:
+    """Each :mod:`catbatch.errors` exception ends the command with its exit code: a run's
+    summary (shards failed, stopped in the pool) on stdout, else the message on stderr."""
     try:
-        with stop_signals() as stop:
-            yield stop
-    except Interrupted as e:
-        click.echo(
-            f"{e} (outside the actor pool: at once); committed shards are kept, rerun the same "
-            "command to go on",
-            err=True,
-        )
+        yield
+    except CatbatchError as e:
+        summary = getattr(e, "summary", None)
+        if summary is not None:
+            for line in summary.lines():
+                click.echo(line)
+        elif isinstance(e, Stopped):
+            _stderr(f"{e}, rerun the same command to go on")
+        else:
+            _stderr(f"error: {e}")
         sys.exit(e.exit_code)
-
-
-def _warn(p) -> None:
-    """The plan's warnings on stderr, once the command goes ahead."""
-    for warning in p.warnings:
-        click.echo(f"warning: {warning}", err=True)
-
-
-def _refuse_if_busy(url: str) -> None:
-    """Exit 3 at once, before reading prompts or loading anything, when another submission
-    holds the output's lease (storage errors are left to the checks that follow)."""
-    from catbatch.job.layout import OutputLayout
-    from catbatch.job.lease import LeaseHeld, ensure_free
-
-    try:
-        ensure_free(OutputLayout(url))
-    except LeaseHeld as e:
-        _fail(str(e), code=EXIT_BUSY)
-    except (OSError, ValueError, ImportError):
-        pass
-
-
-@contextmanager
-def _output_lease(layout) -> Iterator[Any]:
-    """Hold the output's lease (exit 3 if another submission holds it); released on exit."""
-    from catbatch.job.lease import Lease, LeaseHeld
-
-    try:
-        layout.check_writable()
-    except OSError as e:
-        _fail(str(e))
-    lease = Lease(layout)
-    try:
-        lease.acquire()
-    except LeaseHeld as e:
-        _fail(str(e), code=EXIT_BUSY)
-    except OSError as e:
-        _fail(f"cannot take the lease on {layout.display()}: {e}")
-    try:
-        yield lease
-    finally:
-        lease.release()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -125,13 +68,14 @@ def validate(manifest: str, output: str | None, no_model_check: bool) -> None:
     Prints the resolved configuration (every default filled in, one entry per variant) and the
     number of prompts, samples (prompts x images per prompt) and shards.
     """
-    m = _load(manifest, {"output": output} if output else {})
-    with _stoppable():
-        p = _plan(m, check_model=not no_model_check)
+    with _exit_codes():
+        p = api.validate(manifest, check_model=not no_model_check, **_output(output))
+    m = p.manifest
     resolved = m.model_dump(mode="json")
     resolved["resolved_variants"] = {k: v.model_dump() for k, v in m.resolved_variants().items()}
     click.echo(json.dumps(resolved, indent=2))
-    _warn(p)
+    for warning in p.warnings:
+        _stderr(f"warning: {warning}")
     c = p.counts()
     click.echo(
         f"ok: {c['prompts']} prompts, {c['samples']} samples, {c['shards']} shards, "
@@ -204,42 +148,27 @@ def submit(
     Transient storage errors are retried with backoff for CATBATCH_STORAGE_RETRY_S seconds
     (default 300).
     """
-    from catbatch.job.driver import JobError, prepare_output
-    from catbatch.job.driver import submit as run
-
-    overrides: dict[str, Any] = {}
-    if output:
-        overrides["output"] = output
-    m = _load(manifest, overrides)
-    cluster = cluster_overrides(m, address, actors, gpus_per_actor, cpu_only, dtype)
-    if cluster:
-        m = _load(manifest, {**overrides, **cluster})
-    _refuse_if_busy(m.output_url)
-    with _stoppable() as stop:
-        p = _plan(m, rescan=verify)
-        with _output_lease(p.layout) as lease:
-            try:
-                prepare_output(p, overwrite, retry_failed, verify)
-            except (JobError, OSError) as e:
-                _fail(str(e))
-            for line in p.damaged:
-                click.echo(f"damaged shard {line}", err=True)
-            _warn(p)
-            c = p.counts()
-            retry = f"; {len(p.retry)} shard(s) with failed images to retry" if p.retry else ""
-            click.echo(
-                f"{m.name}: {c['prompts']} prompts x {m.images_per_prompt} image(s) x "
-                f"{c['variants']} variant(s) in {c['shards']} shards; {c['pending_tasks']} of "
-                f"{c['tasks']} tasks to run{retry}",
-                err=True,
-            )
-            try:
-                summary = run(p, progress=not quiet, num_cpus=num_cpus, lease=lease, stop=stop)
-            except JobError as e:
-                _fail(str(e), code=1)
+    with _exit_codes():
+        m = api.load(manifest, **_output(output))
+        cluster = cluster_overrides(m, address, actors, gpus_per_actor, cpu_only, dtype)
+        if cluster:
+            m = api.load(manifest, **_output(output), **cluster)
+        summary = api.submit(
+            m,
+            overwrite=overwrite,
+            retry_failed=retry_failed,
+            verify=verify,
+            num_cpus=num_cpus,
+            progress=not quiet,
+            messages=_stderr,
+        )
     for line in summary.lines():
         click.echo(line)
-    sys.exit(summary.exit_code)
+
+
+def _output(output: str | None) -> dict[str, str]:
+    """The ``--output`` override, if given."""
+    return {"output": output} if output else {}
 
 
 def cluster_overrides(
@@ -279,12 +208,8 @@ def status(output: str, as_json: bool, verify: bool) -> None:
     --verify: in sha256 or footer) is reported as damaged. Exit code 0 when every planned shard
     is committed and intact, 1 when some are pending or damaged, 2 when OUTPUT holds no run.
     """
-    from catbatch.job.status import StatusError, output_status
-
-    try:
-        st = output_status(output, verify)
-    except (StatusError, OSError) as e:
-        _fail(str(e))
+    with _exit_codes():
+        st = api.status(output, verify)
     if as_json:
         click.echo(json.dumps(st.to_json(), indent=2))
     else:
@@ -321,7 +246,8 @@ def regenerate(
     from catbatch.job.worker import Worker
     from catbatch.models.loader import ModelLoadError
 
-    m = _load(manifest, {"batch_size": 1})
+    with _exit_codes():
+        m = api.load(manifest, batch_size=1)
     try:
         model_source = check(m)
         found = next(

@@ -135,11 +135,11 @@ def test_progress_bar_shows_failures_queue_and_eta(tmp_path: Path) -> None:
 
     from tqdm import tqdm
 
-    from catbatch.job.driver import JobObserver, Summary
+    from catbatch.job.driver import JobObserver, RunSummary
     from catbatch.job.sharding import ShardRef, Task
 
     bar = tqdm(total=16, file=io.StringIO())
-    obs = JobObserver("j", EventLog(OutputLayout(str(tmp_path))), Summary(), bar, total=16)
+    obs = JobObserver("j", EventLog(OutputLayout(str(tmp_path))), RunSummary(), bar, total=16)
     now = [0.0]
     obs.rate.clock = lambda: now[0]
     task = Task("default", ShardRef(0))

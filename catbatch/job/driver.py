@@ -106,7 +106,10 @@ class Plan:
 
 
 @dataclass
-class Summary:
+class RunSummary:
+    """What a submission did (``catbatch.submit`` returns it; ``lines()`` is what the command
+    prints)."""
+
     images: int = 0
     failed_images: int = 0
     invalid_images: int = 0  # rows of prompts that cannot be generated
@@ -424,7 +427,7 @@ def submit(
     num_cpus: int | None = None,
     lease: Lease | None = None,
     stop: StopSignals | None = None,
-) -> Summary:
+) -> RunSummary:
     """Run the pending tasks (then the retries) on Ray and write the run record; afterwards
     ``p.pending`` holds the tasks this run did not commit.
 
@@ -433,7 +436,9 @@ def submit(
     raises :class:`Interrupted` after recording the submission as interrupted; without it,
     SIGTERM and SIGINT are handled only while the pool runs."""
     m, layout = p.manifest, p.layout
-    summary = Summary(output=layout.display(), skipped_tasks=p.counts()["tasks"] - len(p.pending))
+    summary = RunSummary(
+        output=layout.display(), skipped_tasks=p.counts()["tasks"] - len(p.pending)
+    )
     events = EventLog(layout)
     logs = events.folder if p.pending else None
     entry = submission_entry(len(p.pending), len(p.retry), logs)
@@ -561,7 +566,7 @@ class JobObserver(PoolObserver):
         self,
         job: str,
         events: EventLog,
-        summary: Summary,
+        summary: RunSummary,
         bar: tqdm,
         total: int,
         written: dict[str, dict[str, Written]] | None = None,
@@ -725,7 +730,7 @@ __all__ = [
     "ModelLoadError",
     "Plan",
     "StopSignals",
-    "Summary",
+    "RunSummary",
     "plan",
     "prepare_output",
     "stop_signals",

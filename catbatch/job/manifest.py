@@ -22,15 +22,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from catbatch.errors import ManifestError, Problem
 from catbatch.job.prompts import PromptSource
 from catbatch.pruning import PruningConfigError, parse_pruning_section
 
 DTYPES = ("float32", "float16", "bfloat16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-
-class ManifestError(ValueError):
-    """A manifest is invalid; the message is complete and meant for the user."""
 
 
 class _Strict(BaseModel):
@@ -261,7 +258,9 @@ def load_manifest(path: str | Path, overrides: dict[str, Any] | None = None) -> 
         raise ManifestError(f"{path}: not valid UTF-8 (byte {e.start})") from None
     except OSError as e:
         raise ManifestError(f"{path}: cannot read manifest: {e.strerror}") from None
-    return parse_manifest(text, source=str(path), base_dir=str(path.parent), overrides=overrides)
+    # absolute: Ray actors of a cluster started elsewhere have another working directory
+    base_dir = str(path.parent.absolute())
+    return parse_manifest(text, source=str(path), base_dir=base_dir, overrides=overrides)
 
 
 def parse_manifest(
@@ -281,12 +280,23 @@ def parse_manifest(
         raise ManifestError(f"{source}{where}: invalid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{source}: the manifest must be a YAML mapping of fields")
-    positions = _positions(node)
+    return manifest_from_dict(data, source, base_dir, overrides, _positions(node))
+
+
+def manifest_from_dict(
+    data: dict[str, Any],
+    source: str = "<dict>",
+    base_dir: str = ".",
+    overrides: dict[str, Any] | None = None,
+    positions: dict[tuple, tuple[int, int]] | None = None,
+) -> Manifest:
+    """Validate a manifest given as a dict (the parsed YAML); ``base_dir`` is where relative
+    paths are resolved from, ``positions`` the field paths' lines in ``source`` if any."""
     data = {**data, **(overrides or {}), "base_dir": base_dir}
     try:
         return Manifest.model_validate(data)
     except ValidationError as e:
-        raise ManifestError(_format_error(e, source, positions)) from None
+        raise ManifestError(_problems(e, source, positions or {})) from None
 
 
 def _positions(node: yaml.Node | None, path: tuple = ()) -> dict[tuple, tuple[int, int]]:
@@ -307,8 +317,8 @@ def _positions(node: yaml.Node | None, path: tuple = ()) -> dict[tuple, tuple[in
     return out
 
 
-def _format_error(err: ValidationError, source: str, positions: dict) -> str:
-    lines = []
+def _problems(err: ValidationError, source: str, positions: dict) -> list[Problem]:
+    out = []
     for e in err.errors(include_url=False):
         loc = tuple(x for x in e["loc"] if not str(x).startswith("function-"))
         loc = tuple(x for x in loc if x not in ("int", "literal['auto']", "dict[str,any]", "none"))
@@ -318,7 +328,6 @@ def _format_error(err: ValidationError, source: str, positions: dict) -> str:
             loc = (*loc, e["ctx"]["index"], "name")
         field = _dotted(loc) or "(manifest)"
         pos = _nearest_position(loc, positions, key=e["type"] == "extra_forbidden")
-        where = f"{source}:{pos[0]}:{pos[1]}" if pos else source
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
             msg = f"unknown key {loc[-1]!r}" + (f"; allowed keys: {allowed}" if allowed else "")
@@ -330,8 +339,9 @@ def _format_error(err: ValidationError, source: str, positions: dict) -> str:
             value = e.get("input")
             text = str(e["msg"]).removeprefix("Value error, ")
             msg = f"got {_short(value)}; {text}"
-        lines.append(f"{where}: {field}: {msg}")
-    return "\n".join(dict.fromkeys(lines))
+        line, column = pos or (None, None)
+        out.append(Problem(source, line, column, field, msg))
+    return list(dict.fromkeys(out))
 
 
 def _dotted(loc: tuple) -> str:
