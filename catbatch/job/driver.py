@@ -135,8 +135,7 @@ def plan(manifest: Manifest, check_model: bool = True) -> Plan:
         if check_model
         else {}
     )
-    _check_resolution(manifest)
-    _check_family(manifest, source_family(source) if source else None)
+    check_model_settings(manifest, source)
     prompts = read_prompts(manifest.prompts, manifest.base_dir)
     shards = make_shards(prompts, manifest.shard_size)
     tasks = make_tasks(list(manifest.resolved_variants()), shards)
@@ -144,6 +143,13 @@ def plan(manifest: Manifest, check_model: bool = True) -> Plan:
     p = Plan(manifest, prompts, shards, tasks, tasks, source, layout)
     p.warnings = _pruning_warnings(manifest) + _invalid_prompt_warnings(manifest, prompts)
     return p
+
+
+def check_model_settings(manifest: Manifest, source: dict) -> None:
+    """Raise :class:`JobError` for sizes or settings the model (``source``, from
+    :func:`describe_source`; ``{}``: not checked) cannot take, before anything loads."""
+    _check_resolution(manifest)
+    _check_family(manifest, source_family(source) if source else None)
 
 
 def _check_resolution(manifest: Manifest) -> None:

@@ -199,9 +199,11 @@ def _lines(text: str) -> list[str]:
     return [line.removesuffix("\r") for line in lines]
 
 
-def _make_prompt(
+def make_prompt(
     sample_id: str, value: Any, metadata: dict[str, str], row: int, where: str
 ) -> Prompt:
+    """A prompt from a source's value, stripped; with ``problem`` set when it is not a string,
+    empty or holds a NUL byte."""
     problem = None
     if value is None:
         value = ""
@@ -217,7 +219,7 @@ def _make_prompt(
 
 def _text_prompts(text: str, name: str) -> list[Prompt]:
     return [
-        _make_prompt(sample_id_for(name, row), line, {}, row, f"line {row + 1}")
+        make_prompt(sample_id_for(name, row), line, {}, row, f"line {row + 1}")
         for row, line in enumerate(_lines(text))
         if line.strip()
     ]
@@ -333,7 +335,7 @@ def _tabular_prompts(
                 )
             seen[sample_id] = where
         metadata = {column: str(values[column] or "") for column in metadata_columns}
-        prompts.append(_make_prompt(sample_id, values[prompt_column], metadata, row, where))
+        prompts.append(make_prompt(sample_id, values[prompt_column], metadata, row, where))
     return prompts
 
 
@@ -372,7 +374,7 @@ def _coco_prompts(text: str, source: PromptSource, location: str) -> list[Prompt
         previous_image = key[0]
         metadata = {"image_id": str(annotation["image_id"])}
         prompts.append(
-            _make_prompt(
+            make_prompt(
                 str(annotation["id"]),
                 annotation["caption"],
                 metadata,
