@@ -57,18 +57,27 @@ def load_manifest(path: str | os.PathLike[str]) -> Manifest:
     return manifests.load_manifest(Path(path).resolve())
 
 
-def actor_options(manifest: Manifest) -> dict[str, float | int]:
+def actor_options(
+    manifest: Manifest, resources: dict[str, float] | None = None
+) -> dict[str, float | int]:
     """``concurrency``, ``num_cpus`` and ``num_gpus`` for ``map_batches``, placed as ``catbatch
     submit`` places its actors: ``ray.resources`` per actor, GPUs where the cluster has them
-    (always with ``model.device: cuda``), ``ray.actors`` actors (``auto``: one per GPU, else
-    one per ``cpus`` CPUs). Connects to Ray (``ray.init()``) when not connected yet."""
-    import ray
+    (always with ``model.device: cuda``), ``ray.actors`` actors (``auto``: one per GPU, else one
+    per ``cpus`` CPUs with one CPU left for Ray Data's own tasks: reading, ``map``, writing).
 
+    ``resources``: the cluster's (``ray.cluster_resources()``); by default the cluster Ray is
+    connected to, connecting first (``ray.init()``) when it is not."""
     from catbatch.job.distributor import plan_actors
 
-    if not ray.is_initialized():
-        ray.init()
-    actors, cpus, gpus = plan_actors(manifest, sys.maxsize)
+    if resources is None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init()
+        resources = ray.cluster_resources()
+    actors, cpus, gpus = plan_actors(manifest, sys.maxsize, resources)
+    if manifest.ray.actors == "auto" and not gpus:
+        actors = max(1, min(actors, int((resources.get("CPU", 1) - 1) / cpus + 1e-6)))
     return {"concurrency": actors, "num_cpus": cpus, "num_gpus": gpus}
 
 

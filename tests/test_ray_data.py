@@ -22,7 +22,7 @@ from catbatch.job.manifest import parse_manifest
 from catbatch.job.prompts import PromptSource, read_prompts
 from catbatch.job.seeds import image_seed
 from catbatch.job.writer import SCHEMA
-from catbatch.ray_data import Generate, PromptColumns, choose_variant
+from catbatch.ray_data import Generate, PromptColumns, actor_options, choose_variant
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -129,6 +129,25 @@ def test_variant_required_when_the_manifest_has_several(tmp_path):
     assert choose_variant(manifest, "cat-0.3") == "cat-0.3"
     single = parse_manifest(MANIFEST.split("variants:")[0] + "output: out\n")
     assert choose_variant(single, None) == "default"
+
+
+@pytest.mark.parametrize(
+    ("device", "actors", "resources", "expected"),
+    [
+        ("cpu", "auto", {"CPU": 4.0}, (3, 0)),  # a CPU left for reading and writing
+        ("cpu", "auto", {"CPU": 1.0}, (1, 0)),
+        ("auto", "auto", {"CPU": 16.0, "GPU": 4.0}, (4, 1)),  # one per GPU
+        ("auto", 2, {"CPU": 16.0, "GPU": 4.0}, (2, 1)),
+        ("cuda", 2, {"CPU": 16.0}, (2, 1)),  # GPU nodes may come up later
+    ],
+)
+def test_actor_options_place_actors_as_submit(device, actors, resources, expected):
+    text = MANIFEST.replace("device: cpu", f"device: {device}")
+    text = text.replace(
+        "actors: 1, resources: {cpus: 1}", f"actors: {actors}, resources: {{cpus: 1}}"
+    )
+    options = actor_options(parse_manifest(text), resources)
+    assert options == {"concurrency": expected[0], "num_cpus": 1.0, "num_gpus": expected[1]}
 
 
 # -- on the session's local Ray cluster ----------------------------------------------------------
