@@ -177,6 +177,9 @@ class Generate:
         source_name, row_column: derive the ids as a prompt source named ``source_name``
             without an id column does, from each record's 0-based row in ``row_column``.
         metadata_columns: columns kept as strings in ``prompt_metadata``.
+
+    The actor's torch threads are set to ``ray.resources.cpus``, as submit's actors set theirs
+    (on a CPU, a different thread count may change float sums, hence pixels).
     """
 
     def __init__(
