@@ -178,8 +178,8 @@ class Generate:
             without an id column does, from each record's 0-based row in ``row_column``.
         metadata_columns: columns kept as strings in ``prompt_metadata``.
 
-    The actor's torch threads are set to ``ray.resources.cpus``, as submit's actors set theirs
-    (on a CPU, a different thread count may change float sums, hence pixels).
+    The actor's torch threads are set to ``ray.resources.cpus``, as submit's actors set theirs,
+    so that the same batches run as they do there.
     """
 
     def __init__(
