@@ -180,8 +180,7 @@ def check(manifest: Manifest, check_model: bool = True) -> dict:
         if check_model
         else {}
     )
-    _check_resolution(manifest)
-    _check_family(manifest, source_family(source) if source else None)
+    check_model_settings(manifest, source)
     return source
 
 
@@ -198,6 +197,13 @@ def _stored_index(layout: OutputLayout, manifest: Manifest) -> ShardIndex | None
     except (OSError, ValueError, KeyError, TypeError) as e:  # a cache: build it again
         log.info("stored shard index not used: %s: %s", type(e).__name__, e)
         return None
+
+
+def check_model_settings(manifest: Manifest, source: dict) -> None:
+    """Raise :class:`JobError` for sizes or settings the model (``source``, from
+    :func:`describe_source`; ``{}``: not checked) cannot take, before anything loads."""
+    _check_resolution(manifest)
+    _check_family(manifest, source_family(source) if source else None)
 
 
 def _check_resolution(manifest: Manifest) -> None:

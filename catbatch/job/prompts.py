@@ -384,7 +384,7 @@ def _text_records(
             text = text[:-1]
         if text.strip():
             where = f"line {row + 1}"
-            yield _make_prompt(sample_id_for(name, row), text, {}, row, where), start, end, row + 1
+            yield make_prompt(sample_id_for(name, row), text, {}, row, where), start, end, row + 1
         row += 1
 
 
@@ -578,7 +578,7 @@ class _Table:
         else:
             sample_id = sample_id_for(sf.name, row)
         metadata = {column: str(values[column] or "") for column in sf.metadata_columns}
-        return _make_prompt(sample_id, values[prompt_column], metadata, row, where)
+        return make_prompt(sample_id, values[prompt_column], metadata, row, where)
 
 
 class _RepeatCheck:
@@ -627,9 +627,11 @@ def _check_options(source: PromptSource, fmt: str, location: str) -> None:
         raise PromptSourceError(f"{location}: captions='all' applies only to coco, not {fmt}")
 
 
-def _make_prompt(
+def make_prompt(
     sample_id: str, value: Any, metadata: dict[str, str], row: int, where: str
 ) -> Prompt:
+    """A prompt from a source's value, stripped; with ``problem`` set when it is not a string,
+    empty or holds a NUL byte."""
     problem = None
     if value is None:
         value = ""
@@ -699,7 +701,7 @@ def _coco_prompts(text: str, source: PromptSource, location: str) -> list[Prompt
         previous_image = key[0]
         metadata = {"image_id": str(annotation["image_id"])}
         prompts.append(
-            _make_prompt(
+            make_prompt(
                 str(annotation["id"]),
                 annotation["caption"],
                 metadata,

@@ -173,6 +173,12 @@ def device_name(device: str) -> str:
     return f"cpu:{platform.machine()}"
 
 
+def in_item_order(rows: list[Row], items: list[Item]) -> list[Row]:
+    """``rows`` sorted as their items are (a shard's order: prompts, then image index)."""
+    order = {(it.prompt.sample_id, it.image_index): n for n, it in enumerate(items)}
+    return sorted(rows, key=lambda r: order[(r.sample_id, r.image_index)])
+
+
 def encode_png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
@@ -256,7 +262,25 @@ class Worker:
         run = _TaskRun(task, self.variants[task.variant])
         items = self.items(read_piece(task.shard))  # the task says where its prompts are
         self.event("task_start", task=task.key, images=len(items))
-        bs = self.manifest.batch_size
+        self._make_items(items, run, task.shard.name)
+        future = self.committer.submit(self._commit, run, items, layout, start, started_at)
+        return PendingShard(task, future)
+
+    def task_rows(self, task: Task, prompts: list[Prompt], batch_prefix: str) -> list[Row]:
+        """Every row of ``prompts`` (given, not read from a source), made now in batches of
+        ``batch_size`` images as a shard's are, in item order; nothing is written (the Ray Data
+        stage's path).
+
+        Batch ids are ``{batch_prefix}-b{n}``."""
+        run = _TaskRun(task, self.variants[task.variant])
+        items = self.items(prompts)
+        self._make_items(items, run, batch_prefix)
+        return in_item_order(run.rows(), items)
+
+    def _make_items(self, items: list[Item], run: _TaskRun, batch_prefix: str) -> None:
+        """The rows of the items whose prompt cannot be made (``invalid``), then the pipeline
+        calls of the others, ``batch_size`` images each, into ``run.parts``."""
+        task, bs = run.task, self.manifest.batch_size
         good = [it for it in items if it.prompt.problem is None]
         run.parts.append(
             [
@@ -267,9 +291,7 @@ class Worker:
         )
         for b in range(0, len(good), bs):
             self._check_owner(task)
-            self._make_batch(good[b : b + bs], run, f"{task.shard.name}-b{b // bs}")
-        future = self.committer.submit(self._commit, run, items, layout, start, started_at)
-        return PendingShard(task, future)
+            self._make_batch(good[b : b + bs], run, f"{batch_prefix}-b{b // bs}")
 
     def _commit(
         self,
@@ -281,9 +303,7 @@ class Worker:
     ) -> ShardStats:
         """The committer thread: the shard's rows in item order, its Parquet file, its commit."""
         task = run.task
-        rows = run.rows()
-        order = {(it.prompt.sample_id, it.image_index): n for n, it in enumerate(items)}
-        rows.sort(key=lambda r: order[(r.sample_id, r.image_index)])
+        rows = in_item_order(run.rows(), items)
         self._check_owner(task)
         extra: dict[str, Any] = {"batch_splits": run.batch_splits} if run.batch_splits else {}
         if self.placement:
