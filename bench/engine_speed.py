@@ -218,7 +218,7 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
 class CatRunner(Runner):
     """CAT applied once to a weight-sharing copy of the transformer (buffers, and CUDA graphs
     where on, are kept across generations); the state is reset per generation, as a pipeline
-    does (``auto_reset`` off: no timestep read)."""
+    does."""
 
     def __init__(
         self,
@@ -231,7 +231,6 @@ class CatRunner(Runner):
         self.config, self.label, self.timer = config, label, timer
         factory = timer.factory if timer is not None else None
         self.state = apply_cat(self.model, config, cfg=True, selector_factory=factory)
-        self.state.auto_reset = False
 
     def begin(self) -> None:
         self.state.reset()

@@ -26,6 +26,7 @@ from .core import (
     project_kv,
     project_qkv,
     tensor_key,
+    weights_of,
 )
 
 
@@ -124,9 +125,9 @@ def _block(
 ) -> Tensor:
     """One ``BasicTransformerBlock`` (``ada_norm_single``) on image rows ``x`` ``(R, S, D)``."""
     r, d = ctx.rows, x.shape[-1]
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-        block.scale_shift_table + modulation
-    ).split(1, dim=1)
+    with weights_of(block):  # its own table (sequential CPU offload loads it here)
+        table = block.scale_shift_table + modulation
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table.split(1, dim=1)
 
     attn: Attention = block.attn1
     name = f"{i}.attn1"
