@@ -468,6 +468,20 @@ class Family:
         raise NotImplementedError
 
     @staticmethod
+    def text_tokens(config: Any, max_sequence_length: int | None) -> int:
+        """Prompt tokens its diffusers pipeline feeds the transformer (``max_sequence_length``:
+        the call's, None for the pipeline's default)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def example_inputs(
+        model: torch.nn.Module, rows: int, latent: tuple[int, int], text_tokens: int
+    ) -> dict[str, Any]:
+        """Forward inputs of the shapes a pipeline call passes (zeros; any device, ``meta``
+        for sizes only): ``rows`` batch rows, ``latent`` = ``(H, W)`` of the latents."""
+        raise NotImplementedError
+
+    @staticmethod
     def step(model: torch.nn.Module, ctx: StepContext, inputs: dict[str, Any]) -> Tensor:
         """One step: output tokens ``(R, S, p*p*C_out)`` of the rows in the stream (all
         ``N`` at a full step, the ``K`` computed ones at a pruned step), via

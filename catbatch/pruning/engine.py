@@ -42,6 +42,14 @@ def family_of(model: torch.nn.Module) -> type[Family]:
     raise TypeError(f"CAT pruning supports {SUPPORTED}, not {type(model).__name__}")
 
 
+def family_named(class_name: str) -> type[Family]:
+    """The :class:`Family` of a transformer class name (a ``config.json``'s ``_class_name``)."""
+    for family in FAMILIES:
+        if family.model_class.__name__ == class_name:
+            return family
+    raise TypeError(f"CAT pruning supports {SUPPORTED}, not {class_name}")
+
+
 def cat_processors(model: torch.nn.Module) -> dict[Attention, CATProcessor]:
     """A CAT processor for every attention module the step runs (each checked)."""
     modules = family_of(model).attention_modules(model)

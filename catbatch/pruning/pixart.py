@@ -29,6 +29,8 @@ from .core import (
     weights_of,
 )
 
+T5_TOKENS = 300  # PixArtSigmaPipeline's default max_sequence_length
+
 
 class PixArt(Family):
     name = "pixart"
@@ -63,6 +65,25 @@ class PixArt(Family):
             tensor_key(inputs["encoder_hidden_states"]),
             tensor_key(inputs.get("encoder_attention_mask")),
         )
+
+    @staticmethod
+    def text_tokens(config: Any, max_sequence_length: int | None) -> int:
+        return max_sequence_length or T5_TOKENS
+
+    @staticmethod
+    def example_inputs(
+        model: PixArtTransformer2DModel, rows: int, latent: tuple[int, int], text_tokens: int
+    ) -> dict[str, Any]:
+        config, dtype = model.config, model.dtype
+        return {
+            "hidden_states": torch.zeros(rows, config.in_channels, *latent, dtype=dtype),
+            "timestep": torch.zeros(rows),
+            "encoder_hidden_states": torch.zeros(
+                rows, text_tokens, config.caption_channels, dtype=dtype
+            ),
+            "encoder_attention_mask": torch.ones(rows, text_tokens, dtype=dtype),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }
 
     @staticmethod
     def prepare_text(

@@ -32,6 +32,8 @@ from .core import (
     tensor_key,
 )
 
+CLIP_TOKENS, T5_TOKENS = 77, 256  # StableDiffusion3Pipeline's prompt embeddings
+
 
 class SD3(Family):
     name = "sd3"
@@ -63,6 +65,24 @@ class SD3(Family):
             tensor_key(inputs["encoder_hidden_states"]),
             tensor_key(inputs["pooled_projections"]),
         )
+
+    @staticmethod
+    def text_tokens(config: Any, max_sequence_length: int | None) -> int:
+        return CLIP_TOKENS + (max_sequence_length or T5_TOKENS)  # CLIP, then T5
+
+    @staticmethod
+    def example_inputs(
+        model: SD3Transformer2DModel, rows: int, latent: tuple[int, int], text_tokens: int
+    ) -> dict[str, Any]:
+        config, dtype = model.config, model.dtype
+        return {
+            "hidden_states": torch.zeros(rows, config.in_channels, *latent, dtype=dtype),
+            "timestep": torch.zeros(rows),
+            "encoder_hidden_states": torch.zeros(
+                rows, text_tokens, config.joint_attention_dim, dtype=dtype
+            ),
+            "pooled_projections": torch.zeros(rows, config.pooled_projection_dim, dtype=dtype),
+        }
 
     @staticmethod
     def prepare_text(
