@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from catbatch.job import memory as cache_memory
 from catbatch.job import resume
 from catbatch.job.layout import OutputLayout
 from catbatch.job.lease import Lease
@@ -59,6 +60,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)  # settings that run but miss their point
     previous: dict | None = None  # run.json of earlier submissions of this run (prepare_output)
     damaged: list[str] = field(default_factory=list)  # committed pieces moved aside, and why
+    cat_cache: dict[str, dict[str, int]] = field(default_factory=dict)  # variant -> CAT bytes
 
     @property
     def images_per_task(self) -> dict[str, int]:
@@ -136,13 +138,17 @@ def plan(manifest: Manifest, check_model: bool = True) -> Plan:
         else {}
     )
     _check_resolution(manifest)
-    _check_family(manifest, source_family(source) if source else None)
+    family = source_family(source) if source else None
+    _check_family(manifest, family)
     prompts = read_prompts(manifest.prompts, manifest.base_dir)
     shards = make_shards(prompts, manifest.shard_size)
     tasks = make_tasks(list(manifest.resolved_variants()), shards)
     layout = OutputLayout(manifest.output_url)
     p = Plan(manifest, prompts, shards, tasks, tasks, source, layout)
     p.warnings = _pruning_warnings(manifest) + _invalid_prompt_warnings(manifest, prompts)
+    if source:
+        config = cache_memory.transformer_config(source)
+        p.cat_cache = cache_memory.cat_cache_bytes(manifest, config, family)
     return p
 
 
@@ -374,6 +380,7 @@ def submit(
             logs=logs,
             previous=p.previous,
             submission=entry,
+            cat_cache=p.cat_cache,
         )
         layout.write_json(layout.run_record, record)
 

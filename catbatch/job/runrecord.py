@@ -143,11 +143,14 @@ def run_record(
     logs: str | None = None,
     previous: dict[str, Any] | None = None,
     submission: dict[str, Any] | None = None,
+    cat_cache: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """The run record; ``planned`` maps each variant to its pieces and their image counts.
 
     ``previous`` is the record of the same run before this submission: its pipeline and logs
-    stay unless this submission has its own, and ``submission`` is appended to its entries."""
+    stay unless this submission has its own, and ``submission`` is appended to its entries.
+    ``cat_cache``: each pruned variant's CAT buffer bytes per generation
+    (:mod:`catbatch.job.memory`)."""
     previous = previous or {}
     worker_info = worker_info or previous.get("pipeline")
     logs = logs or previous.get("logs")
@@ -165,6 +168,7 @@ def run_record(
         "prompts": n_prompts,
         "shards": n_shards,
         "planned_shards": planned or {},
+        "cat_cache_bytes": cat_cache or {},
         **({"logs": logs} if logs else {}),
         "images_per_prompt": manifest.images_per_prompt,
         "status": status,
