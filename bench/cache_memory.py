@@ -1,9 +1,10 @@
 """CAT's buffer memory per generation for the real transformers, from their configs on the meta
 device (no weights, no memory): ``python -m bench.cache_memory`` prints the README table.
 
-Each row: batch images at 1024x1024 with CFG (two rows per image), fp16, the pipeline's
-default text length, both streams (``full`` keeps the attention / feed-forward outputs of every
-token as well). Counting, not timing: safe to run anywhere.
+Each row: batch images at 1024x1024 with CFG (two rows per image; FLUX.1: one, its guidance
+is an input), fp16, the pipeline's default text length (SD3 333 tokens, PixArt-Sigma 300,
+FLUX.1 512), both streams (``full`` keeps the attention / feed-forward outputs of every token
+as well). Counting, not timing: safe to run anywhere.
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import argparse
 
 import torch
 
-from catbatch.metrics.paper_configs import PIXART_SIGMA, SD3_MEDIUM, SD35_LARGE
+from catbatch.metrics.paper_configs import FLUX_1_DEV, PIXART_SIGMA, SD3_MEDIUM, SD35_LARGE
 from catbatch.pruning import CATConfig, cache_bytes
 
 MODELS = {
     "SD3-medium": {**SD3_MEDIUM, "_class_name": "SD3Transformer2DModel"},
     "SD3.5-large": {**SD35_LARGE, "_class_name": "SD3Transformer2DModel"},
     "PixArt-Sigma": {**PIXART_SIGMA, "_class_name": "PixArtTransformer2DModel"},
+    "FLUX.1-dev": {**FLUX_1_DEV, "_class_name": "FluxTransformer2DModel"},
 }
 GB = 1e9
 

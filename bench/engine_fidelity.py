@@ -16,8 +16,15 @@ prompts).
 
     python -m bench.engine_fidelity              # the issue's configuration (minutes)
     python -m bench.engine_fidelity --streams full krow   # both streams, and who wins
-    python -m bench.engine_fidelity --smoke      # the tiny preset, 1 prompt, seconds
+    python -m bench.engine_fidelity --model flux # FLUX.1 blocks (issue 17)
+    python -m bench.engine_fidelity --smoke [--model flux]  # a tiny preset, 1 prompt, seconds
     python -m bench.engine_fidelity --shapes     # the trained catbatch-shapes model (minutes)
+
+``--model flux``: the tiny-flux pipeline (its CLIP / T5 encoders, tokenizers and 16-channel VAE)
+with a FLUX.1 transformer of 6 heads x 64 (width 384, the speed benchmark's), 2 double- and 4
+single-stream blocks (FLUX.1-dev's 1:2 ratio), 512x512 (1024 image tokens), 128 T5 tokens,
+embedded guidance 3.5 (no CFG: one row per image); latents are compared unpacked
+``(16, 64, 64)``.
 
 ``--shapes`` measures on a model with real (trained) weights: the shipped ``catbatch-shapes``
 pipeline on held-out captions of its domain. Per variant (every strategy at ``--alpha``, and
@@ -37,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from torch import Tensor
 
 from catbatch.metrics.fidelity import latent_psnr, psnr_batch, ssim_batch
@@ -84,13 +91,14 @@ def load_prompts(count: int, path: Path = PARTI_PATH) -> tuple[list[str], str]:
     return list(BUILTIN_PROMPTS[:count]), "built-in prompts (PartiPrompts file absent)"
 
 
-def tiny_sd3(saved: str | None = None) -> Any:
-    """The tiny-sd3 preset (seed 0), built here or loaded from a ``save_pretrained`` folder."""
+def tiny_sd3(saved: str | None = None, preset: str = "tiny-sd3") -> Any:
+    """A tiny preset (seed 0; ``tiny-sd3`` or ``tiny-flux``), built here or loaded from a
+    ``save_pretrained`` folder."""
     if saved is None:
-        return build_tiny_pipeline("tiny-sd3", seed=0)
-    from diffusers import StableDiffusion3Pipeline
+        return build_tiny_pipeline(preset, seed=0)
+    from diffusers import DiffusionPipeline
 
-    return StableDiffusion3Pipeline.from_pretrained(saved, local_files_only=True)
+    return DiffusionPipeline.from_pretrained(saved, local_files_only=True)
 
 
 def build_pipeline(
@@ -118,11 +126,48 @@ def build_pipeline(
     return pipe
 
 
+FLUX_TEXT_TOKENS = 128
+
+
+def build_flux_pipeline(
+    double: int = 2, single: int = 4, heads: int = 6, head_dim: int = 64, saved: str | None = None
+) -> Any:
+    """The tiny-flux pipeline with its transformer replaced by FLUX.1 blocks of the given size
+    (random weights, seed 1)."""
+    pipe = tiny_sd3(saved, "tiny-flux")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=double,
+            num_single_layers=single,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=T5_D_MODEL,
+            pooled_projection_dim=CLIP_HIDDEN,
+            guidance_embeds=True,
+            axes_dims_rope=(head_dim // 8, head_dim * 7 // 16, head_dim * 7 // 16),
+        ).eval()
+    pipe.register_modules(transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def is_flux(pipe: Any) -> bool:
+    return isinstance(pipe.transformer, FluxTransformer2DModel)
+
+
 @torch.no_grad()
 def generate(
     pipe: Any, prompts: Sequence[str], seeds: Sequence[int], size: int, steps: int, batch: int
 ) -> tuple[Tensor, Tensor]:
-    """Final latents ``(P, 16, h, w)`` and images ``(P, 3, H, W)`` in ``[0, 1]``."""
+    """Final latents ``(P, 16, h, w)`` and images ``(P, 3, H, W)`` in ``[0, 1]``. SD3: CFG
+    guidance 7; FLUX: embedded guidance 3.5, ``FLUX_TEXT_TOKENS`` T5 tokens, latents unpacked."""
+    flux = is_flux(pipe)
+    call: dict[str, Any] = {"guidance_scale": 7.0}
+    if flux:
+        call = {"guidance_scale": 3.5, "max_sequence_length": FLUX_TEXT_TOKENS}
     latents, images = [], []
     for at in range(0, len(prompts), batch):
         chunk = list(prompts[at : at + batch])
@@ -132,10 +177,12 @@ def generate(
             height=size,
             width=size,
             num_inference_steps=steps,
-            guidance_scale=7.0,
             generator=generators,
             output_type="latent",
+            **call,
         ).images
+        if flux:  # packed (B, N, 64) -> (B, 16, h, w), as the pipeline does before decoding
+            out = pipe._unpack_latents(out, size, size, pipe.vae_scale_factor)
         latents.append(out.cpu())
         decoded = pipe.vae.decode(
             out / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor, return_dict=False
@@ -217,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--batch", type=int, default=4, help="prompts per pipeline call")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument(
+        "--strategies", nargs="*", default=list(STRATEGIES), help="none: the reference only"
+    )
     parser.add_argument(
         "--streams",
         nargs="+",
@@ -226,25 +275,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="residual streams to run each strategy in (both: full krow)",
     )
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 128px, 1 prompt")
+    parser.add_argument(
+        "--model", choices=["sd3", "flux"], default="sd3", help="SD3 (default) or FLUX.1 blocks"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--pipeline-dir", help="a saved tiny-sd3 pipeline (no open_clip needed)")
     parser.add_argument("--parti", default=str(PARTI_PATH), help="PartiPrompts TSV")
     parser.add_argument("--json", help="also write per-prompt results here")
+    parser.add_argument(
+        "--reference",
+        help="a file for the unpruned run: loaded when it holds this configuration's, else "
+        "computed and saved (so strategies can run in separate commands)",
+    )
+    parser.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="print one table from --json files, run nothing"
+    )
     parser.add_argument("--shapes", action="store_true", help="the trained catbatch-shapes model")
     parser.add_argument("--guidance", type=float, default=7.0, help="--shapes only")
     parser.add_argument("--workers", type=int, default=2, help="--shapes: processes")
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge_main(args.merge)
     if args.shapes:
         if "--prompts" not in (argv if argv is not None else sys.argv):
             args.prompts = 64
         return shapes_main(args)
     torch.set_num_threads(args.threads)
 
+    flux = args.model == "flux"
     if args.smoke:
-        pipe = tiny_sd3(args.pipeline_dir)
+        pipe = tiny_sd3(args.pipeline_dir, "tiny-flux" if flux else "tiny-sd3")
         pipe.set_progress_bar_config(disable=True)
         size, count, steps = 128, 1, 10
         label = "tiny-sd3 preset (2 layers, width 64), 128x128"
+        if flux:
+            label = "tiny-flux preset (2 double + 2 single blocks, width 64), 128x128"
+    elif flux:
+        pipe = build_flux_pipeline(saved=args.pipeline_dir)
+        size, count, steps = 512, args.prompts, args.steps
+        label = (
+            "FLUX.1 transformer 2 double + 4 single blocks x 6 heads x 64 (width 384), 512x512 "
+            f"(1024 tokens), {FLUX_TEXT_TOKENS} T5 tokens, guidance 3.5 embedded"
+        )
     else:
         pipe = build_pipeline(saved=args.pipeline_dir)
         size, count, steps = 512, args.prompts, args.steps
@@ -258,9 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
 
-    start = time.perf_counter()
-    ref_latents, ref_images = generate(pipe, prompts, seeds, size, steps, args.batch)
-    full_seconds = (time.perf_counter() - start) / len(prompts)
+    key = [label, prompts, seeds, size, steps]
+    ref_latents, ref_images, full_seconds = reference(
+        args.reference, key, lambda: generate(pipe, prompts, seeds, size, steps, args.batch)
+    )
     print(f"unpruned: {full_seconds:.2f} s / prompt", flush=True)
     rows: dict[str, dict[str, Any]] = {}
     for strategy in args.strategies:
@@ -276,7 +349,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             if state.pruned_steps == 0:
                 raise RuntimeError(f"{strategy}: no pruned step ran")
             name = strategy if len(args.streams) == 1 else f"{strategy} ({stream})"
-            rows[name] = {**compare(latents, images, ref_latents, ref_images), "seconds": seconds}
+            rows[name] = {
+                **compare(latents, images, ref_latents, ref_images),
+                "seconds": seconds,
+                "strategy": strategy,
+                "stream": stream,
+            }
             print(f"{name}: {seconds:.2f} s / prompt", flush=True)
     print()
     print(format_table(rows))
@@ -284,7 +362,50 @@ def main(argv: Sequence[str] | None = None) -> int:
     for line in stream_wins(rows, args.strategies):
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps({"prompts": prompts, "rows": rows}, indent=1))
+        data = {"setup": f"{label}; {steps} steps; alpha {args.alpha}", "prompts": prompts}
+        data["rows"] = rows
+        Path(args.json).write_text(json.dumps(data, indent=1))
+    return 0
+
+
+def reference(path: str | None, key: list[Any], run: Any) -> tuple[Tensor, Tensor, float]:
+    """The unpruned latents, images and s / prompt: from ``path`` when it holds ``key``'s run,
+    else ``run()`` (then saved to ``path``)."""
+    if path and Path(path).is_file():
+        saved = torch.load(path, weights_only=False)
+        if saved["key"] != key:
+            raise SystemExit(f"{path} holds another configuration's reference; remove it")
+        print(f"unpruned run loaded from {path}", flush=True)
+        return saved["latents"], saved["images"], saved["seconds"]
+    start = time.perf_counter()
+    latents, images = run()
+    seconds = (time.perf_counter() - start) / len(key[1])
+    if path:
+        torch.save({"key": key, "latents": latents, "images": images, "seconds": seconds}, path)
+    return latents, images, seconds
+
+
+def merge_main(paths: Sequence[str]) -> int:
+    """One table from the ``--json`` files of separate runs (same setup and prompts); a
+    strategy run in both streams gets a row per stream."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    if any(
+        (f.get("setup"), f["prompts"]) != (files[0].get("setup"), files[0]["prompts"])
+        for f in files
+    ):
+        raise SystemExit("--merge: the files are runs of different setups or prompts")
+    runs = [row for f in files for row in f["rows"].values()]
+    streams: dict[str, set[str]] = {}
+    for row in runs:
+        streams.setdefault(row["strategy"], set()).add(row["stream"])
+    rows = {}
+    for row in runs:
+        name = row["strategy"]
+        rows[name if len(streams[name]) == 1 else f"{name} ({row['stream']})"] = row
+    print(f"{files[0].get('setup')}; {len(files[0]['prompts'])} prompts")
+    print(format_table(rows))
+    for line in stream_wins(rows, list(streams)):
+        print(line)
     return 0
 
 

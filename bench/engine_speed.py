@@ -4,15 +4,18 @@ An SD3 transformer (random weights) is driven over ``N`` steps with classifier-f
 (batch 2 = ``[uncond, cond]``) and a flow-matching Euler update, once bare ("full") and once per
 CAT variant (``--streams``): :func:`catbatch.pruning.apply_cat` applied once to a copy of the
 transformer that shares its weights, the state reset per generation (buffers kept, as in a
-pipeline). Runs are interleaved in rounds (full, then every variant, their order rotating each
-round) after one warm-up of each; the table gives medians and min-max spreads. MACs come from
+pipeline). ``--model flux`` drives a FLUX.1 transformer instead (4 double- and 8 single-stream
+blocks, 4096 image + 512 text tokens, one row per image: its guidance is an input). Runs are
+interleaved in rounds (full, then every variant, their order rotating each round) after one
+warm-up of each; the table gives medians and min-max spreads. MACs come from
 :func:`catbatch.pruning.count_step_macs` on the ``meta`` device for a full and a pruned step,
 times the timeline (``s + 3`` full steps, then pruned). The selector's ``set_reference`` /
 ``start`` (KMeans, cluster graph, first pick) / ``step`` calls are timed by wrapping them.
 
     python -m bench.engine_speed                 # the issue's CPU configuration (slow: minutes)
     python -m bench.engine_speed --streams full krow   # both residual streams, interleaved
-    python -m bench.engine_speed --smoke         # a tiny configuration, seconds
+    python -m bench.engine_speed --model flux --steps 28   # FLUX.1 blocks (issue 17)
+    python -m bench.engine_speed --smoke [--model flux]    # a tiny configuration, seconds
 """
 
 from __future__ import annotations
@@ -26,11 +29,11 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
-from diffusers import SD3Transformer2DModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from torch import Tensor
 
 from catbatch.pruning import CATConfig, apply_cat, count_step_macs, remove_cat
@@ -42,7 +45,12 @@ CLIP_TOKENS, T5_TOKENS = 77, 256
 
 @dataclass(frozen=True)
 class SpeedSetup:
-    """Transformer size, inputs and CAT settings of one benchmark."""
+    """Transformer size, inputs and CAT settings of one benchmark.
+
+    ``family``: ``sd3`` (``layers`` joint blocks, CFG: two rows per prompt) or ``flux``
+    (``layers`` double-stream and ``single_layers`` single-stream blocks, latents packed 2x2
+    into 64 channels, one row per prompt, ``guidance`` embedded).
+    """
 
     layers: int = 8
     heads: int = 6
@@ -57,6 +65,9 @@ class SpeedSetup:
     alpha: float = 0.3
     shift: float = 3.0
     seed: int = 0
+    family: str = "sd3"
+    single_layers: int = 0  # FLUX's single-stream blocks
+    rope_axes: tuple[int, int, int] = (8, 28, 28)  # FLUX's rotary axes, summing to head_dim
 
     @property
     def width(self) -> int:
@@ -66,7 +77,29 @@ class SpeedSetup:
     def image_tokens(self) -> int:
         return (self.latent // self.patch) ** 2
 
+    @property
+    def cfg(self) -> bool:
+        """Whether each prompt runs as two rows ``[uncond, cond]`` (FLUX: one row)."""
+        return self.family != "flux"
+
+    @property
+    def rows(self) -> int:
+        return 2 * self.samples if self.cfg else self.samples
+
     def transformer_kwargs(self) -> dict[str, Any]:
+        if self.family == "flux":
+            return {
+                "patch_size": 1,
+                "in_channels": 16 * self.patch**2,  # packed latents
+                "num_layers": self.layers,
+                "num_single_layers": self.single_layers,
+                "attention_head_dim": self.head_dim,
+                "num_attention_heads": self.heads,
+                "joint_attention_dim": self.joint_dim,
+                "pooled_projection_dim": self.pooled_dim,
+                "guidance_embeds": True,
+                "axes_dims_rope": self.rope_axes,
+            }
         return {
             "sample_size": self.latent,
             "patch_size": self.patch,
@@ -85,34 +118,74 @@ class SpeedSetup:
 SMOKE = SpeedSetup(
     layers=1, heads=2, head_dim=16, latent=32, text_tokens=8, joint_dim=32, pooled_dim=32
 )
+# FLUX.1's block structure at the SD3 configuration's width: 4 double + 8 single blocks of
+# 6 heads x 64, 4096 image tokens (1024px: 128x128 latent packed 2x2), 512 T5 tokens (FLUX.1-dev's
+# maximum) of width 4096, pooled CLIP 768, embedded guidance 3.5.
+FLUX = SpeedSetup(
+    family="flux",
+    layers=4,
+    single_layers=8,
+    text_tokens=512,
+    pooled_dim=768,
+    guidance=3.5,
+)
+FLUX_SMOKE = replace(
+    FLUX,
+    layers=1,
+    single_layers=1,
+    heads=2,
+    head_dim=16,
+    rope_axes=(4, 6, 6),
+    latent=32,
+    text_tokens=8,
+    joint_dim=32,
+)
+SETUPS = {"sd3": (SpeedSetup(), SMOKE), "flux": (FLUX, FLUX_SMOKE)}
 
 
 def build_transformer(
     setup: SpeedSetup, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> SD3Transformer2DModel:
-    """A random-weight SD3 transformer of ``setup``'s size (on ``meta``: no weights at all)."""
+) -> torch.nn.Module:
+    """A random-weight SD3 or FLUX transformer of ``setup``'s size (on ``meta``: no weights)."""
+    cls = FluxTransformer2DModel if setup.family == "flux" else SD3Transformer2DModel
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(setup.seed)
-        model = SD3Transformer2DModel(**setup.transformer_kwargs())
+        model = cls(**setup.transformer_kwargs())
     return model.to(dtype=dtype).eval().requires_grad_(False)
 
 
 @dataclass
 class Inputs:
-    latents: Tensor  # (B, 16, H, W), the starting noise
-    text: Tensor  # (2B, T, joint_dim): [uncond..., cond...]
-    pooled: Tensor  # (2B, pooled_dim)
+    latents: Tensor  # SD3: (B, 16, H, W); FLUX: packed (B, N, 64); the starting noise
+    text: Tensor  # (rows, T, joint_dim): SD3 [uncond..., cond...]
+    pooled: Tensor  # (rows, pooled_dim)
+    extra: dict[str, Tensor] = field(default_factory=dict)  # FLUX: guidance, img_ids, txt_ids
 
 
 def make_inputs(
     setup: SpeedSetup, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> Inputs:
     g = torch.Generator().manual_seed(setup.seed + 1)
-    b, side = setup.samples, setup.latent
-    latents = torch.randn(b, 16, side, side, generator=g)
-    text = torch.randn(2 * b, setup.text_tokens, setup.joint_dim, generator=g)
-    pooled = torch.randn(2 * b, setup.pooled_dim, generator=g)
-    return Inputs(*(t.to(device=device, dtype=dtype) for t in (latents, text, pooled)))
+    b, side, rows = setup.samples, setup.latent, setup.rows
+    if setup.family == "flux":
+        grid = side // setup.patch
+        latents = torch.randn(b, grid * grid, 16 * setup.patch**2, generator=g)
+    else:
+        latents = torch.randn(b, 16, side, side, generator=g)
+    text = torch.randn(rows, setup.text_tokens, setup.joint_dim, generator=g)
+    pooled = torch.randn(rows, setup.pooled_dim, generator=g)
+    tensors = [t.to(device=device, dtype=dtype) for t in (latents, text, pooled)]
+    extra = {}
+    if setup.family == "flux":
+        ids = torch.zeros(grid, grid, 3)
+        ids[..., 1] += torch.arange(grid)[:, None]
+        ids[..., 2] += torch.arange(grid)[None, :]
+        extra = {
+            "guidance": torch.full((b,), setup.guidance, device=device),
+            "img_ids": ids.view(-1, 3).to(device=device, dtype=dtype),
+            "txt_ids": torch.zeros(setup.text_tokens, 3, device=device, dtype=dtype),
+        }
+    return Inputs(*tensors, extra)
 
 
 def flow_sigmas(steps: int, shift: float) -> list[float]:
@@ -199,13 +272,16 @@ class Runner:
     def check(self, steps: int) -> None:
         """Raise if the generation just run was not what it should be."""
 
-    def __call__(self, hidden: Tensor, timestep: Tensor, text: Tensor, pooled: Tensor) -> Tensor:
+    def __call__(
+        self, hidden: Tensor, timestep: Tensor, text: Tensor, pooled: Tensor, **extra: Tensor
+    ) -> Tensor:
         return self.model(
             hidden_states=hidden,
             timestep=timestep,
             encoder_hidden_states=text,
             pooled_projections=pooled,
             return_dict=False,
+            **extra,
         )[0]
 
 
@@ -218,7 +294,8 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
 class CatRunner(Runner):
     """CAT applied once to a weight-sharing copy of the transformer (buffers, and CUDA graphs
     where on, are kept across generations); the state is reset per generation, as a pipeline
-    does."""
+    does (no timestep read). Rows pair as CFG halves for SD3, not for FLUX (the family's
+    default)."""
 
     def __init__(
         self,
@@ -230,7 +307,7 @@ class CatRunner(Runner):
         super().__init__(shared_copy(model))
         self.config, self.label, self.timer = config, label, timer
         factory = timer.factory if timer is not None else None
-        self.state = apply_cat(self.model, config, cfg=True, selector_factory=factory)
+        self.state = apply_cat(self.model, config, selector_factory=factory)
 
     def begin(self) -> None:
         self.state.reset()
@@ -250,16 +327,21 @@ class CatRunner(Runner):
 def denoise(
     runner: Runner, inputs: Inputs, steps: int, setup: SpeedSetup, clock: Clock
 ) -> tuple[Tensor, list[Any]]:
-    """``steps`` CFG Euler steps from ``inputs.latents``; returns latents and per-step marks."""
+    """``steps`` Euler steps from ``inputs.latents`` (SD3: CFG over two rows per prompt; FLUX:
+    one row, timestep as the pipeline passes it, ``t / 1000``); latents and per-step marks."""
     latents = inputs.latents.clone()
     sigmas = flow_sigmas(steps, setup.shift)
     marks = [clock.mark()]
     for i in range(steps):
-        timestep = torch.full((latents.shape[0] * 2,), sigmas[i] * 1000.0, device=latents.device)
-        out = runner(torch.cat([latents, latents]), timestep, inputs.text, inputs.pooled)
-        uncond, cond = out.chunk(2)
-        guided = uncond + setup.guidance * (cond - uncond)
-        latents = latents + (sigmas[i + 1] - sigmas[i]) * guided
+        if setup.cfg:
+            timestep = torch.full((setup.rows,), sigmas[i] * 1000.0, device=latents.device)
+            hidden = torch.cat([latents, latents])
+            uncond, cond = runner(hidden, timestep, inputs.text, inputs.pooled).chunk(2)
+            velocity = uncond + setup.guidance * (cond - uncond)
+        else:
+            timestep = torch.full((setup.rows,), sigmas[i], device=latents.device)
+            velocity = runner(latents, timestep, inputs.text, inputs.pooled, **inputs.extra)
+        latents = latents + (sigmas[i + 1] - sigmas[i]) * velocity
         marks.append(clock.mark())
     return latents, marks
 
@@ -292,16 +374,17 @@ def timed_generation(
 
 
 def step_macs(setup: SpeedSetup, config: CATConfig) -> dict[str, dict[str, int]]:
-    """MACs of one full and one pruned step (CFG rows), counted on the ``meta`` device."""
+    """MACs of one full and one pruned step (all rows of a batch), counted on the ``meta``
+    device."""
     model = build_transformer(setup, "meta")
     with torch.device("meta"):
         inputs = make_inputs(setup, "meta")
-        hidden = torch.cat([inputs.latents, inputs.latents])
-        timestep = torch.full((hidden.shape[0],), 500.0)
+        hidden = torch.cat([inputs.latents, inputs.latents]) if setup.cfg else inputs.latents
+        timestep = torch.full((hidden.shape[0],), 500.0 if setup.cfg else 0.5)
         idx = torch.arange(config.num_selected(setup.image_tokens))
     args = (model, hidden, timestep, inputs.text, inputs.pooled)
-    pruned = count_step_macs(*args, idx=idx, stream=config.stream)
-    return {"full": count_step_macs(*args), "pruned": pruned}
+    pruned = count_step_macs(*args, idx=idx, stream=config.stream, **inputs.extra)
+    return {"full": count_step_macs(*args, **inputs.extra), "pruned": pruned}
 
 
 def timeline_macs(
@@ -460,10 +543,11 @@ def step_pairs(
     inputs = make_inputs(setup)
     batch = setup.samples
     step_inputs = {
-        "hidden_states": torch.cat([inputs.latents, inputs.latents]),
-        "timestep": torch.full((2 * batch,), 500.0),
+        "hidden_states": torch.cat([inputs.latents] * (setup.rows // batch)),
+        "timestep": torch.full((setup.rows,), 500.0 if setup.cfg else 0.5),
         "encoder_hidden_states": inputs.text,
         "pooled_projections": inputs.pooled,
+        **inputs.extra,
     }
     k = CATConfig(alpha=alpha or setup.alpha).num_selected(setup.image_tokens)
     g = torch.Generator().manual_seed(0)
@@ -550,9 +634,10 @@ def format_report(results: Sequence[StepsResult], setup: SpeedSetup, targets: bo
             f"{r.latent_rel_error:.3f} |"
         )
     if targets:
+        goals = TARGET_SPEEDUP if setup.family == "sd3" else {}  # FLUX: the MACs ratio only
         lines += ["", "Targets:"]
         for r in results:
-            lines += [f"- {line}" for line in target_lines(r)]
+            lines += [f"- {line}" for line in target_lines(r, goals)]
     return "\n".join(lines)
 
 
@@ -560,7 +645,7 @@ def _g(macs: float) -> str:
     return f"{macs / 1e12:.2f}T" if macs >= 1e12 else f"{macs / 1e9:.1f}G"
 
 
-def target_lines(r: StepsResult) -> list[str]:
+def target_lines(r: StepsResult, goals: dict[int, float] = TARGET_SPEEDUP) -> list[str]:
     def verdict(ok: bool) -> str:
         return "MET" if ok else "MISSED"
 
@@ -571,8 +656,8 @@ def target_lines(r: StepsResult) -> list[str]:
         f"({bound:.2f}x): {verdict(r.speedup >= bound)} (paper-count ratio "
         f"{r.macs['paper']['ratio']:.2f}x, 95% = {paper:.2f}x: {verdict(r.speedup >= paper)})",
     ]
-    if r.steps in TARGET_SPEEDUP:
-        goal = TARGET_SPEEDUP[r.steps]
+    if r.steps in goals:
+        goal = goals[r.steps]
         lines.append(
             f"{r.steps} steps: speed-up {r.speedup:.2f}x >= {goal}x: {verdict(r.speedup >= goal)}"
         )
@@ -595,12 +680,18 @@ def results_json(results: Sequence[StepsResult], setup: SpeedSetup, **extra: Any
 
 def describe(setup: SpeedSetup, device: str, dtype: torch.dtype, threads: int | None) -> str:
     k = CATConfig(alpha=setup.alpha).num_selected(setup.image_tokens)
+    if setup.family == "flux":
+        blocks = f"FLUX.1 transformer, random weights: {setup.layers} double + "
+        blocks += f"{setup.single_layers} single blocks"
+        rows = f"batch {setup.rows} (one row per image, guidance {setup.guidance} embedded)"
+    else:
+        blocks = f"SD3 transformer, random weights: {setup.layers} layers"
+        rows = f"CFG batch {setup.rows}"
     return (
-        f"SD3 transformer, random weights: {setup.layers} layers of {setup.heads} heads x "
-        f"{setup.head_dim} (width {setup.width}), latent {setup.latent}x{setup.latent} patch "
-        f"{setup.patch} -> {setup.image_tokens} image tokens, {setup.text_tokens} text tokens, "
-        f"CFG batch {2 * setup.samples}; alpha {setup.alpha} (K = {k}), timeline s = 5 "
-        f"(8 full steps); {device} {str(dtype).removeprefix('torch.')}"
+        f"{blocks} of {setup.heads} heads x {setup.head_dim} (width {setup.width}), latent "
+        f"{setup.latent}x{setup.latent} patch {setup.patch} -> {setup.image_tokens} image "
+        f"tokens, {setup.text_tokens} text tokens, {rows}; alpha {setup.alpha} (K = {k}), "
+        f"timeline s = 5 (8 full steps); {device} {str(dtype).removeprefix('torch.')}"
         + (f", {threads} threads" if threads else "")
     )
 
@@ -613,6 +704,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps of each kind")
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--smoke", action="store_true", help="tiny model, 10 steps, 1 pair")
+    parser.add_argument(
+        "--model", choices=sorted(SETUPS), default="sd3", help="SD3 (default) or FLUX.1 blocks"
+    )
     parser.add_argument("--json", help="also write the raw results to this file")
     parser.add_argument(
         "--step-pairs", type=int, default=0, help="only interleaved single steps (N pairs)"
@@ -627,10 +721,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    setup = SpeedSetup(alpha=args.alpha)
+    full_setup, smoke_setup = SETUPS[args.model]
+    setup = replace(full_setup, alpha=args.alpha)
     steps, pairs = args.steps, args.pairs
     if args.smoke:
-        setup = SpeedSetup(**{**asdict(SMOKE), "alpha": args.alpha})
+        setup = replace(smoke_setup, alpha=args.alpha)
         steps, pairs = [10], 1
     print(describe(setup, "cpu", torch.float32, args.threads), flush=True)
     if args.step_pairs:

@@ -373,7 +373,7 @@ def macs(
     models: tuple[str, ...], steps: tuple[int, ...], alpha: float, resolution: int, as_json: bool
 ) -> None:
     """Full and CAT-pruned MACs per image of SD3-medium and PixArt-Sigma, as in the paper, and
-    of FLUX.1-dev (full model only: CAT for FLUX is not available yet).
+    of FLUX.1-dev.
 
     The real transformer configs (written out in catbatch.metrics.paper_configs, no hub access) are
     built on the meta device, without weights, and one step of each kind is counted with torch's
@@ -382,10 +382,11 @@ def macs(
     convolution, as the CAT paper does; "total" adds the attention products. SD3 gets 333 text
     tokens (77 CLIP + 256 T5), which reproduces the paper's full-model figures; PixArt-Sigma
     300 T5 tokens; FLUX.1-dev one row (guidance-distilled, no CFG) of 4096 image and 512 T5
-    tokens, through its own forward. For PixArt with CAT the printed figure counts what the
-    engine runs (text keys/values computed once per generation); "as paper" recomputes them at
-    every full step, which is how the paper's CAT figures appear to be counted. Takes about a
-    minute on a CPU.
+    tokens. For PixArt with CAT the printed figure counts what the engine runs (text
+    keys/values computed once per generation); "as paper" recomputes them at every full step,
+    which is how the paper's CAT figures appear to be counted. "ceiling" is the counted
+    speed-up of the timeline, full / CAT MACs (paper count / total). Takes about a minute on a
+    CPU.
     """
     from dataclasses import asdict
 

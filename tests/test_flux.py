@@ -1,4 +1,5 @@
-"""FLUX.1 in the job system, unpruned: validation, call arguments and per-sample metrics."""
+"""FLUX.1 in the job system: validation, call arguments and per-sample metrics, unpruned and
+CAT-pruned."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from catbatch.job.driver import plan
 from catbatch.job.manifest import ManifestError, load_manifest, parse_manifest
 from catbatch.job.runrecord import fingerprint, fingerprint_inputs
 from catbatch.job.worker import Worker
-from catbatch.models.families import FLUX, SD3, family_of, source_family
+from catbatch.models.families import FLUX, SD3, Family, family_of, source_family
+from catbatch.pruning import CATConfig
 
 MANIFEST = """\
 name: flux
@@ -61,7 +63,7 @@ def test_family_is_read_from_the_pipeline_index(tmp_path, tiny_cache):
     assert source_family({"kind": "local", "path": str(folder)}) is None  # not checked
     (folder / "model_index.json").write_text("{not json")
     assert source_family({"kind": "local", "path": str(folder)}) is None
-    assert family_of("FluxPipeline") is FLUX and not FLUX.pruning and not FLUX.cfg
+    assert family_of("FluxPipeline") is FLUX and FLUX.pruning and not FLUX.cfg
 
 
 # -- validation ------------------------------------------------------------------------------
@@ -76,15 +78,6 @@ def test_valid_flux_manifest_validates(tmp_path, tiny_cache):
 @pytest.mark.parametrize(
     ("extra", "messages"),
     [
-        (
-            "guidance_scale: 3.5\npruning: {alpha: 0.3}\n",
-            ["pruning: CAT pruning is not available for FLUX pipelines yet"],
-        ),
-        (
-            "guidance_scale: 3.5\nvariants:\n  - name: full\n    pruning: none\n"
-            "  - name: cat\n    pruning: {alpha: 0.3}\n",
-            ["variants[1].pruning: CAT pruning is not available for FLUX pipelines yet"],
-        ),
         (
             "guidance_scale: 3.5\nnegative_prompt: blurry\n",
             ["negative_prompt: FLUX is guidance-distilled and takes no negative prompt"],
@@ -104,6 +97,19 @@ def test_settings_flux_cannot_honour_fail_at_validation(tmp_path, tiny_cache, ex
     assert code == 2, out
     for message in messages:
         assert f"error: {message}" in out or f"\n{message}" in out, out
+
+
+def test_flux_takes_a_pruning_section(tmp_path, tiny_cache):
+    extra = (
+        "guidance_scale: 3.5\nvariants:\n  - name: full\n    pruning: none\n"
+        "  - name: cat\n    pruning: {alpha: 0.3}\n"
+    )
+    code, out = validate(write(tmp_path, extra))
+    assert code == 0, out
+    m = load_manifest(write(tmp_path, extra))
+    unpruned = Family("unpruned", pruning=False, cfg=False)  # a family the engine cannot prune
+    with pytest.raises(driver.JobError, match=r"variants\[1\]\.pruning: CAT pruning is not"):
+        driver._check_family(m, unpruned)
 
 
 def test_guidance_set_in_every_variant_is_enough(tmp_path, tiny_cache):
@@ -145,13 +151,9 @@ def test_cluster_manifest_is_a_valid_flux_run(tmp_path):
     assert (m.model.id, m.model.dtype) == ("/models/FLUX.1-dev", "bfloat16")
     assert (m.width, m.height, m.guidance_scale, m.max_sequence_length) == (1024, 1024, 3.5, 512)
     assert m.model.memory.vae_slicing and m.negative_prompt == ""
-    assert [v.pruning for v in m.resolved_variants().values()] == [None]
+    pruning = {k: v.pruning for k, v in m.resolved_variants().items()}
+    assert pruning == {"full": None, "cat-0.3": CATConfig(alpha=0.3).to_dict()}
     driver._check_family(m, FLUX)  # what validation checks once the folder is there: passes
-    text = (REPO / "manifests" / "flux.yaml").read_text()
-    full = "  - name: full\n    pruning: none\n"
-    cat = text.replace(full, full + "  - name: cat\n    pruning: {alpha: 0.3}\n")
-    with pytest.raises(driver.JobError, match=r"variants\[1\]\.pruning: CAT pruning"):
-        driver._check_family(parse_manifest(cat), FLUX)
     res = CliRunner().invoke(main, ["validate", str(REPO / "manifests" / "flux.yaml")])
     assert res.exit_code == 2 and "/models/FLUX.1-dev" in res.output  # no weights here
 
@@ -161,10 +163,13 @@ def test_cluster_manifest_is_a_valid_flux_run(tmp_path):
 
 @pytest.fixture(scope="module")
 def flux_worker(tmp_path_factory, tiny_cache):
-    """A tiny-flux worker that ran both variants: T5 at the pipeline's 512 and at 16 tokens."""
+    """A tiny-flux worker that ran three variants: T5 at the pipeline's 512 and at 16 tokens,
+    and CAT (alpha 0.5, steps 0..2 full, step 3 pruned) at 16 tokens."""
     tmp = tmp_path_factory.mktemp("flux")
     extra = "guidance_scale: 3.5\nvariants:\n  - name: full\n  - name: short\n"
-    path = write(tmp, extra + "    max_sequence_length: 16\n")
+    extra += "    max_sequence_length: 16\n  - name: cat\n    max_sequence_length: 16\n"
+    extra += "    steps: 4\n    pruning: {alpha: 0.5, last_full_step: 0}\n"
+    path = write(tmp, extra)
     m = load_manifest(path)
     p = plan(m)
     worker = Worker(m, p.model_source)
@@ -184,7 +189,7 @@ def flux_worker(tmp_path_factory, tiny_cache):
     worker.pipe.__class__ = base
     rows = {
         v: [r for f in sorted((tmp / "out" / "variants" / v).glob("*.parquet")) for r in _read(f)]
-        for v in ("full", "short")
+        for v in ("full", "short", "cat")
     }
     return worker, rows, calls, texts
 
@@ -195,10 +200,11 @@ def _read(path: Path) -> list[dict]:
 
 def test_flux_rows_have_one_row_macs_and_latency(flux_worker):
     worker, rows, calls, texts = flux_worker
-    assert texts == {"full": 512, "short": 16}  # T5 tokens the transformer was fed
+    assert texts == {"full": 512, "short": 16, "cat": 16}  # T5 tokens the transformer was fed
     config = dict(worker.pipe.transformer.config)
     n_img = (64 // 16) * (96 // 16)  # 8x VAE, 2x2 packing: a 4 x 6 token grid
-    for variant, n_txt in texts.items():
+    for variant in ("full", "short"):
+        n_txt = texts[variant]
         step = analytic_flux_macs(config, n_img, n_txt)
         for r in rows[variant]:
             assert r["status"] == "ok" and (r["width"], r["height"]) == (64, 96)
@@ -207,12 +213,31 @@ def test_flux_rows_have_one_row_macs_and_latency(flux_worker):
             assert r["t_text_s"] > 0 and r["t_denoise_s"] > 0 and r["t_vae_s"] > 0
             assert json.loads(r["settings"])["guidance_scale"] == 3.5
     truncated = {v: [r["prompt_truncated"] for r in rs] for v, rs in rows.items()}
-    assert truncated == {"full": [False, False, False], "short": [False, True, False]}
+    assert truncated == {
+        "full": [False, False, False],
+        "short": [False, True, False],
+        "cat": [False, True, False],
+    }
     assert worker.metrics_info()["notes"] == []  # MACs counted, nothing failed
+
+
+def test_pruned_flux_rows_count_the_pruned_step(flux_worker):
+    """Per-sample MACs of a CAT variant: 3 full steps and 1 step at K = 12 of 24 tokens (the
+    full-length stream's final head also on all tokens), one row per image."""
+    worker, rows, _, _ = flux_worker
+    config = dict(worker.pipe.transformer.config)
+    full = analytic_flux_macs(config, 24, 16)
+    pruned = analytic_flux_macs(config, 24, 16, k=12)
+    assert len(rows["cat"]) == 3
+    for r in rows["cat"]:
+        assert r["status"] == "ok" and json.loads(r["settings"])["pruning"]["alpha"] == 0.5
+        assert r["macs_paper"] == 3 * full["paper"] + pruned["paper"]
+        assert r["macs_total"] == 3 * sum(full.values()) + sum(pruned.values())
+        assert r["macs_paper"] < 4 * full["paper"]
 
 
 def test_flux_call_has_no_negative_prompt(flux_worker):
     _, _, calls, _ = flux_worker
     assert calls and all("negative_prompt" not in c for c in calls)
-    assert [c.get("max_sequence_length") for c in calls] == [None, None, 16, 16]
+    assert [c.get("max_sequence_length") for c in calls] == [None, None, 16, 16, 16, 16]
     assert all(c["guidance_scale"] == 3.5 for c in calls)

@@ -67,7 +67,7 @@ def test_cli_prints_the_table(table, monkeypatch):
     assert res.exit_code == 2 and "--alpha" in res.output
 
 
-# -- FLUX.1-dev: full model only (no CAT step for FLUX yet) -------------------------------------
+# -- FLUX.1-dev: full and CAT ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -75,16 +75,28 @@ def flux_table():
     return paper_macs_table(("flux1-dev",), (28, 50), alpha=0.3)
 
 
-def test_flux_full_count_equals_the_analytic_formula(flux_table):
-    step = analytic_flux_macs(FLUX_1_DEV, n_img=4096, n_txt=512)  # 1024px: 64x64 packed tokens
-    assert [(r.variant, r.steps) for r in flux_table] == [("full", 28), ("full", 50)]
+def test_flux_counts_equal_the_analytic_formula(flux_table):
+    full = analytic_flux_macs(FLUX_1_DEV, n_img=4096, n_txt=512)  # 1024px: 64x64 packed tokens
+    pruned = analytic_flux_macs(FLUX_1_DEV, n_img=4096, n_txt=512, k=1228)  # full-length stream
+    assert [(r.variant, r.steps) for r in flux_table] == [
+        ("full", 28),
+        ("cat", 28),
+        ("full", 50),
+        ("cat", 50),
+    ]
     for r in flux_table:
-        assert r.paper_t * 1e12 == pytest.approx(r.steps * step["paper"], rel=1e-12)
-        total = r.steps * (step["paper"] + step["attention"])
+        n_full, n_pruned = (r.steps, 0) if r.variant == "full" else (8, r.steps - 8)
+        paper = n_full * full["paper"] + n_pruned * pruned["paper"]
+        total = n_full * sum(full.values()) + n_pruned * sum(pruned.values())
+        assert r.paper_t * 1e12 == pytest.approx(paper, rel=1e-12)
         assert r.total_t * 1e12 == pytest.approx(total, rel=1e-12)
         assert r.reference_t is None and r.as_paper_t is None
     # about 12B parameters x 4608 tokens per step, plus attention
     assert 29.7 < flux_table[0].paper_t / 28 < 29.8 and 37.1 < flux_table[0].total_t / 28 < 37.3
+    cat28, cat50 = flux_table[1], flux_table[3]
+    assert cat28.ceiling_total == pytest.approx(flux_table[0].total_t / cat28.total_t)
+    assert cat28.ceiling_paper == pytest.approx(flux_table[0].paper_t / cat28.paper_t)
+    assert 1.75 < cat28.ceiling_total < 1.85 and 2.0 < cat50.ceiling_total < 2.15
 
 
 def test_flux_config_is_the_published_one():
@@ -96,7 +108,7 @@ def test_flux_config_is_the_published_one():
     assert PAPER_MODELS["flux1-dev"].text_tokens == 512
 
 
-def test_flux_table_says_cat_is_not_available(flux_table, monkeypatch):
+def test_flux_table_prints_cat_rows_and_their_ceiling(flux_table, monkeypatch):
     calls = []
 
     def table(*args, **kwargs):
@@ -107,9 +119,12 @@ def test_flux_table_says_cat_is_not_available(flux_table, monkeypatch):
     res = CliRunner().invoke(main, ["macs", "--model", "flux1-dev"])
     assert res.exit_code == 0, res.output
     assert calls[0][0] == ("flux1-dev",)
-    line = next(x for x in res.output.splitlines() if x.startswith("FLUX.1-dev") and " 28 " in x)
-    assert f"{flux_table[0].paper_t:.2f}" in line and f"{flux_table[0].total_t:.2f}" in line
-    assert "cat a=0.3  not available yet (the pruning engine has no FLUX step)" in res.output
-    assert "FLUX.1-dev (not in the paper)" in res.output
+    lines = res.output.splitlines()
+    full = next(x for x in lines if x.startswith("FLUX.1-dev") and " 28 full" in x)
+    assert f"{flux_table[0].paper_t:.2f}" in full and f"{flux_table[0].total_t:.2f}" in full
+    cat = next(x for x in lines if x.startswith("FLUX.1-dev") and " 28 cat a=0.3" in x)
+    r = flux_table[1]
+    assert f"{r.paper_t:.2f}" in cat and f"{r.ceiling_paper:.2f}x / {r.ceiling_total:.2f}x" in cat
+    assert "not available" not in res.output and "FLUX.1-dev (not in the paper)" in res.output
     CliRunner().invoke(main, ["macs"])
     assert calls[1][0] == ("sd3-medium", "pixart-sigma", "flux1-dev")  # the default: all three

@@ -24,7 +24,7 @@ def generate(pipe, prompts, seed=0, **kwargs):
     return pipe(list(prompts), generator=generator, **call).images.float()
 
 
-@pytest.fixture(scope="module", params=["tiny-sd3", "tiny-pixart"])
+@pytest.fixture(scope="module", params=["tiny-sd3", "tiny-pixart", "tiny-flux"])
 def pipe(request):
     pipe = build_tiny_pipeline(request.param)
     pipe.set_progress_bar_config(disable=True)
@@ -110,8 +110,9 @@ def test_auto_captures_small_steps_on_cuda_only():
 
 @cuda
 @pytest.mark.parametrize("stream", STREAMS)
-def test_captured_steps_equal_eager_on_cuda(stream):
-    pipe = build_tiny_pipeline("tiny-sd3").to("cuda")
+@pytest.mark.parametrize("model", ["tiny-sd3", "tiny-flux"])
+def test_captured_steps_equal_eager_on_cuda(model, stream):
+    pipe = build_tiny_pipeline(model).to("cuda")
     pipe.set_progress_bar_config(disable=True)
     prompts = ["a red cube", "a blue ball"]
     apply_cat(pipe, CATConfig(alpha=0.3, stream=stream, cuda_graphs="off"))

@@ -174,7 +174,7 @@ def _check_family(manifest: Manifest, family: Family | None) -> None:
         if where:
             problems.append(
                 f"{', '.join(where)}: CAT pruning is not available for {name} pipelines yet "
-                "(catbatch prunes SD3, SD3.5 and PixArt-Sigma); use `pruning: none`"
+                "(catbatch prunes SD3, SD3.5, PixArt-Sigma and FLUX.1); use `pruning: none`"
             )
     if not family.cfg:
         where = _fields_with(manifest, "negative_prompt", bool)

@@ -11,7 +11,7 @@ count MACs at real sizes.
 from __future__ import annotations
 
 import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -149,8 +149,6 @@ PAPER_MODELS: dict[str, PaperModel] = {
         pooled_dim=768,
     ),
 }
-# Families whose CAT step the engine has; the others get full-model rows only.
-CAT_FAMILIES = ("sd3", "pixart")
 
 
 # -- the paper's MACs table, counted on the meta device -------------------------------------------
@@ -163,8 +161,9 @@ NOTES = (
     "SD3-medium: 333 text tokens (77 CLIP + 256 T5, what the pipeline feeds the transformer) "
     "reproduce the paper's full-model figures to within 0.05%.",
     "CAT: steps 0..7 full, the rest at K = int(alpha * N) of N image tokens (1228 of 4096 at "
-    "1024px); image Q/K/V, attention output and feed-forward on K rows, SD3's text stream in "
-    "full.",
+    "1024px); image Q/K/V, attention output and feed-forward on K rows, SD3's and FLUX's text "
+    "streams in full. 'ceiling' = full / CAT MACs of the timeline (paper count / total): the "
+    "speed-up the counted work allows.",
     "PixArt-Sigma CAT: the engine computes the cross-attention text keys/values once per "
     "generation and reuses them at every later step; 'as the paper' recomputes them at the 8 "
     "full steps and reuses them only at pruned steps, which matches the paper's 60.08T / "
@@ -175,8 +174,8 @@ NOTES = (
     "identified (the paper does not publish its counting script).",
     "FLUX.1-dev (not in the paper): guidance-distilled, so one row per image (guidance is an "
     "input embedding, not CFG); 4096 image tokens (128x128 latent packed in 2x2 patches) + 512 "
-    "T5 tokens; its patch embedding is the linear x_embedder. Full model only: CAT figures for "
-    "FLUX come with the engine's FLUX step (issue 17), which does not exist yet.",
+    "T5 tokens; its patch embedding is the linear x_embedder. CAT: double-stream blocks as "
+    "SD3's, single-stream blocks with the 512 text rows in full and K image rows.",
 )
 
 
@@ -191,6 +190,8 @@ class MacsRow:
     total_t: float
     reference_t: float | None  # the paper's figure
     as_paper_t: float | None = None  # PixArt CAT counted as the paper appears to count
+    ceiling_paper: float | None = None  # CAT rows: full / CAT MACs, paper count
+    ceiling_total: float | None = None  # CAT rows: full / CAT MACs, with attention
 
     @property
     def diff_pct(self) -> float | None:
@@ -240,8 +241,8 @@ def paper_macs_table(
     alpha: float = 0.3,
     resolution: int = 1024,
 ) -> list[MacsRow]:
-    """Full and CAT MACs per image of the paper's models (FLUX.1-dev: full only), counted on
-    the meta device."""
+    """Full and CAT MACs per image of the paper's models and FLUX.1-dev, counted on the meta
+    device."""
     from catbatch.metrics.rows import schedule, step_costs, step_macs
     from catbatch.pruning import CATConfig
 
@@ -252,9 +253,6 @@ def paper_macs_table(
         model = spec.build("meta")
         inputs = meta_inputs(spec, resolution)
         full = step_macs(model, inputs)
-        if spec.family not in CAT_FAMILIES:
-            rows.extend(_row(spec, n, "full", full * n, resolution, alpha) for n in steps)
-            continue
         cat = step_costs(model, inputs, config)
         for n in steps:
             rows.append(_row(spec, n, "full", full * n, resolution, alpha))
@@ -263,7 +261,12 @@ def paper_macs_table(
             as_paper = None
             if spec.family == "pixart":
                 as_paper = (full * full_steps + cat.pruned * pruned_steps).paper / 1e12
-            rows.append(_row(spec, n, "cat", macs, resolution, alpha, as_paper))
+            row = _row(spec, n, "cat", macs, resolution, alpha, as_paper)
+            ceiling = {
+                "ceiling_paper": full.paper * n / macs.paper,
+                "ceiling_total": full.total * n / macs.total,
+            }
+            rows.append(replace(row, **ceiling))
     return rows
 
 
@@ -287,26 +290,22 @@ def format_table(rows: list[MacsRow], alpha: float) -> str:
     """The table ``catbatch macs`` prints, with how each figure is counted."""
     head = (
         f"{'model':<13} {'steps':>5} {'variant':<10} {'paper T':>9} {'total T':>9} "
-        f"{'paper says':>10} {'diff':>7}  {'as paper':>8}"
+        f"{'paper says':>10} {'diff':>7}  {'as paper':>8}  {'ceiling':>13}"
     )
     lines = [head, "-" * len(head)]
-    families = {spec.name: spec.family for spec in PAPER_MODELS.values()}
-    for n, r in enumerate(rows):
+    for r in rows:
         variant = "full" if r.variant == "full" else f"cat a={alpha:g}"
         ref = "" if r.reference_t is None else f"{r.reference_t:.2f}"
         diff = "" if r.diff_pct is None else f"{r.diff_pct:+.2f}%"
         as_paper = "" if r.as_paper_t is None else f"{r.as_paper_t:.2f}"
+        ceiling = ""
+        if r.ceiling_paper is not None and r.ceiling_total is not None:
+            ceiling = f"{r.ceiling_paper:.2f}x / {r.ceiling_total:.2f}x"
         lines.append(
             f"{r.model:<13} {r.steps:>5} {variant:<10} {r.paper_t:>9.2f} {r.total_t:>9.2f} "
-            f"{ref:>10} {diff:>7}  {as_paper:>8}"
+            f"{ref:>10} {diff:>7}  {as_paper:>8}  {ceiling:>13}"
         )
-        last_of_model = n + 1 == len(rows) or rows[n + 1].model != r.model
-        if last_of_model and families.get(r.model) not in CAT_FAMILIES:
-            family = str(families.get(r.model)).upper()
-            lines.append(
-                f"{r.model:<13} {'':>5} cat a={alpha:g}  not available yet (the pruning engine "
-                f"has no {family} step)"
-            )
+    lines = [line.rstrip() for line in lines]
     lines.append("")
     lines.extend(
         textwrap.fill(note, 100, initial_indent="* ", subsequent_indent="  ") for note in NOTES

@@ -10,10 +10,8 @@ result is cached: counting costs nothing per sample. Two figures per image, CFG 
 
 Schedule (the engine's timeline): steps ``0..s+2`` full, the rest pruned at ``K`` tokens per
 sample; with CAT, PixArt's cross-attention text keys/values are computed at the first step only
-and reused after that (SD3's text stream always runs in full).
-
-FLUX (which the engine does not prune yet) is counted through the transformer's own forward:
-full steps only, one row per image (its guidance is an input, not CFG).
+and reused after that (SD3's and FLUX's text streams always run in full). FLUX has one row per
+image (its guidance is an input, not CFG).
 """
 
 from __future__ import annotations
@@ -75,12 +73,6 @@ def is_pixart(model: torch.nn.Module) -> bool:
     return isinstance(model, PixArtTransformer2DModel)
 
 
-def is_flux(model: torch.nn.Module) -> bool:
-    from diffusers import FluxTransformer2DModel
-
-    return isinstance(model, FluxTransformer2DModel)
-
-
 def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
     """The same transformer class and config, on the ``meta`` device (no weights)."""
     with torch.device("meta"):
@@ -91,41 +83,9 @@ def step_macs(
     model: torch.nn.Module, inputs: dict[str, Any], idx: Tensor | None = None, **kw: Any
 ) -> Macs:
     """MACs of one step of ``model`` on ``inputs`` (a dict of the forward's arguments)."""
-    if is_flux(model):
-        if idx is not None:
-            raise NotImplementedError("pruned FLUX steps are not counted: no FLUX CAT step yet")
-        return forward_macs(model, inputs)
     args = {k: inputs.get(k) for k in _STEP_ARGS}
-    counted = count_step_macs(
-        model,
-        args["hidden_states"],
-        args["timestep"],
-        args["encoder_hidden_states"],
-        args["pooled_projections"],
-        idx,
-        encoder_attention_mask=args["encoder_attention_mask"],
-        added_cond_kwargs=args["added_cond_kwargs"],
-        **kw,
-    )
+    counted = count_step_macs(model, idx=idx, **args, **kw)
     return Macs(float(counted["paper"]), float(counted["total"]))
-
-
-@torch.no_grad()
-def forward_macs(model: torch.nn.Module, inputs: dict[str, Any]) -> Macs:
-    """MACs of one unpruned call of ``model``'s own forward on ``inputs``, split as
-    :func:`catbatch.pruning.count_step_macs` does: ``paper`` (linear layers and patch
-    embedding) and ``total`` (every counted product, attention included)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from catbatch.pruning.counting import CONV_OPS, LINEAR_OPS
-
-    args = {k: v for k, v in inputs.items() if k in _STEP_ARGS and v is not None}
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(**args, return_dict=False)
-    flops = counter.get_flop_counts().get("Global", {})
-    paper = sum(n for op, n in flops.items() if op in LINEAR_OPS or op in CONV_OPS)
-    return Macs(float(paper // 2), float(sum(flops.values()) // 2))
 
 
 @dataclass(frozen=True)
@@ -165,9 +125,10 @@ def step_costs(
     later_full = step_macs(model, inputs, None, text_kv_cached=True) if pixart else full
     if not with_pruned:
         return StepCosts(full, later_full, None)
+    from catbatch.pruning.engine import family_of
+
     hidden = inputs["hidden_states"]
-    p = model.config.patch_size
-    n_tokens = (hidden.shape[-2] // p) * (hidden.shape[-1] // p)
+    n_tokens = family_of(model).n_tokens(model, inputs)
     idx = torch.arange(pruning.num_selected(n_tokens), device=hidden.device)
     pruned = step_macs(model, inputs, idx, text_kv_cached=pixart, stream=pruning.stream)
     return StepCosts(full, later_full, pruned)

@@ -30,7 +30,7 @@ class Family:
 
 SD3 = Family("sd3", pruning=True, cfg=True)
 PIXART = Family("pixart", pruning=True, cfg=True)
-FLUX = Family("flux", pruning=False, cfg=False)
+FLUX = Family("flux", pruning=True, cfg=False)
 
 PIPELINES: dict[str, Family] = {
     "StableDiffusion3Pipeline": SD3,

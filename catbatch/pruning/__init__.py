@@ -1,4 +1,5 @@
-"""CAT pruning (cluster-aware token pruning with caching) for diffusers SD3/SD3.5 and PixArt.
+"""CAT pruning (cluster-aware token pruning with caching) for diffusers SD3/SD3.5, PixArt-Sigma
+and FLUX.1.
 
 One line, without the rest of catbatch::
 

@@ -327,6 +327,13 @@ def weights_of(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
         hook.post_forward(module, None)
 
 
+def modulation(norm: torch.nn.Module, silu_temb: Tensor, chunks: int) -> tuple[Tensor, ...]:
+    """AdaLN-Zero's shift/scale/gate vectors of ``norm`` (its ``linear`` on ``silu(temb)``),
+    each ``(R, 1, D)``."""
+    emb = norm.linear(silu_temb)
+    return emb.view(emb.shape[0], chunks, -1).split(1, dim=1)
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """AdaLN modulation ``x * (1 + scale) + shift``, in diffusers' order (bit-exact)."""
     return x * (1 + scale) + shift
@@ -393,12 +400,13 @@ class CATProcessor:
 
 def check_attention_module(attn: Attention) -> None:
     """Raise if ``attn`` uses a feature the CAT step does not reproduce."""
+    # diffusers' newer attention classes (FluxAttention) have none of these attributes
     unsupported = {
-        "spatial_norm": attn.spatial_norm is not None,
-        "group_norm": attn.group_norm is not None,
-        "residual_connection": bool(attn.residual_connection),
-        "rescale_output_factor": attn.rescale_output_factor != 1.0,
-        "norm_cross": attn.norm_cross is not None,
+        "spatial_norm": getattr(attn, "spatial_norm", None) is not None,
+        "group_norm": getattr(attn, "group_norm", None) is not None,
+        "residual_connection": bool(getattr(attn, "residual_connection", False)),
+        "rescale_output_factor": getattr(attn, "rescale_output_factor", 1.0) != 1.0,
+        "norm_cross": getattr(attn, "norm_cross", None) is not None,
     }
     bad = [name for name, present in unsupported.items() if present]
     if bad:
@@ -419,6 +427,9 @@ class Family:
     # Inputs whose tensors :meth:`step` reads (a captured step copies them in); the others
     # are read by :meth:`prepare_text` only.
     step_inputs: ClassVar[tuple[str, ...]] = ("hidden_states", "timestep")
+    # Whether a pipeline's ``guidance_scale > 1`` batches ``[uncond, cond]`` rows (classifier-free
+    # guidance); False for guidance-distilled models (one row, one index set per image).
+    cfg: ClassVar[bool] = True
 
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:
@@ -436,19 +447,33 @@ class Family:
 
     @staticmethod
     def grid(model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[int, int]:
-        """``(h, w)`` token grid of the latents ``(R, C, H, W)``."""
+        """``(h, w)`` token grid of the latents ``(R, C, H, W)`` (the selector's positions; the
+        engine asks once per generation and input, see :meth:`grid_key`)."""
         p = model.config.patch_size
         hidden = inputs["hidden_states"]
         return hidden.shape[-2] // p, hidden.shape[-1] // p
+
+    @staticmethod
+    def grid_key(inputs: dict[str, Any]) -> Any:
+        """What :meth:`grid` depends on, without reading tensor contents."""
+        return tuple(inputs["hidden_states"].shape)
+
+    @classmethod
+    def n_tokens(cls, model: torch.nn.Module, inputs: dict[str, Any]) -> int:
+        """Image tokens per row ``N`` (from shapes only: no host synchronisation)."""
+        h, w = cls.grid(model, inputs)
+        return h * w
 
     @staticmethod
     def output_dim(model: torch.nn.Module) -> int:
         """Values per output token: ``p * p * C_out``."""
         return model.config.patch_size**2 * model.out_channels
 
-    @staticmethod
-    def output(model: torch.nn.Module, tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Output tokens ``(R, N, p*p*C_out)`` -> the transformer's output latents."""
+    @classmethod
+    def output(cls, model: torch.nn.Module, tokens: Tensor, inputs: dict[str, Any]) -> Tensor:
+        """Output tokens ``(R, N, p*p*C_out)`` -> the transformer's output latents (a new
+        tensor: ``tokens`` is a persistent buffer)."""
+        grid = cls.grid(model, inputs)
         return unpatchify(tokens, grid, model.config.patch_size, model.out_channels)
 
     @staticmethod

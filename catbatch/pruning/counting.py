@@ -1,7 +1,7 @@
 """Counting path: one stateless CAT step with a given index set, and its MACs.
 
-Both work on the ``meta`` device, so real model sizes (SD3-medium, PixArt-Sigma) are counted
-without weights: ``with torch.device("meta"): model = SD3Transformer2DModel(**config)``.
+Both work on the ``meta`` device, so real model sizes (SD3-medium, PixArt-Sigma, FLUX.1-dev)
+are counted without weights: ``with torch.device("meta"): model = SD3Transformer2DModel(**config)``.
 A pruned step here starts from zero caches and a zero previous output (only its cost matters).
 """
 
@@ -67,10 +67,9 @@ class _Step:
         pooled_projections: Tensor | None = None,
         idx: Tensor | None = None,
         *,
-        encoder_attention_mask: Tensor | None = None,
-        added_cond_kwargs: dict[str, Tensor] | None = None,
         text_kv_cached: bool = False,
         stream: str = CATConfig.stream,
+        **inputs: Any,
     ):
         rows = hidden_states.shape[0]
         if idx is not None:
@@ -82,8 +81,7 @@ class _Step:
             "timestep": timestep,
             "encoder_hidden_states": encoder_hidden_states,
             "pooled_projections": pooled_projections,
-            "encoder_attention_mask": encoder_attention_mask,
-            "added_cond_kwargs": added_cond_kwargs,
+            **inputs,
         }
         self.engine = Engine(transformer, stream)
         if text_kv_cached:
@@ -112,8 +110,10 @@ def pruned_forward(
     """One step with fresh caches: full (``idx=None``) or computing tokens ``idx``.
 
     ``idx`` is ``(K,)`` (the same tokens in every batch row) or ``(R, K)``. Returns the output
-    latents ``(R, C_out, H, W)``; at a pruned step the other tokens are zero. Keywords:
-    ``encoder_attention_mask`` / ``added_cond_kwargs`` (PixArt); ``text_kv_cached``: the
+    latents ``(R, C_out, H, W)`` (FLUX: packed ``(R, N, C_out)``); at a pruned step the other
+    tokens are zero. Keywords: the family's other forward inputs (PixArt's
+    ``encoder_attention_mask`` / ``added_cond_kwargs``, FLUX's ``guidance`` / ``img_ids`` /
+    ``txt_ids``); ``text_kv_cached``: the
     per-generation text work (SD3's context embedding and pooled projection, PixArt's caption
     projection and cross-attention text keys/values) is done beforehand, as at every step
     after the first of a generation in the engine; ``stream``: the stream of a pruned step

@@ -1,6 +1,7 @@
 """The engine: which family a transformer belongs to, its persistent buffers, one CAT step.
 
-A family is one module (:mod:`.sd3`, :mod:`.pixart`) with a :class:`~.core.Family` subclass;
+A family is one module (:mod:`.sd3`, :mod:`.pixart`, :mod:`.flux`) with a :class:`~.core.Family`
+subclass;
 adding a model family means adding it to :data:`FAMILIES`. :class:`Engine` turns a diffusers
 forward call into a step: buffers for the call's shape (kept across generations), the
 per-generation text work when the prompt embeddings change, the family's blocks, then the
@@ -26,12 +27,16 @@ from .core import (
     StepContext,
     check_attention_module,
 )
+from .flux import Flux
 from .graphs import StepGraphs, wants_graphs
 from .pixart import PixArt
 from .sd3 import SD3
 
-FAMILIES: tuple[type[Family], ...] = (SD3, PixArt)
-SUPPORTED = "SD3Transformer2DModel (SD3, SD3.5) or PixArtTransformer2DModel"
+FAMILIES: tuple[type[Family], ...] = (SD3, PixArt, Flux)
+SUPPORTED = (
+    "SD3Transformer2DModel (SD3, SD3.5), PixArtTransformer2DModel or FluxTransformer2DModel "
+    "(FLUX.1)"
+)
 
 
 def family_of(model: torch.nn.Module) -> type[Family]:
@@ -130,6 +135,7 @@ class Engine:
         self.buffers: Buffers | None = None
         self.graphs: StepGraphs | None = None
         self._text_key: tuple[Any, ...] | None = None
+        self._grid: tuple[Any, tuple[int, int]] | None = None  # (grid_key, grid)
         self._weights: tuple[Any, ...] | None = None
         self._new_generation = True
         self._offloaded = False
@@ -138,7 +144,16 @@ class Engine:
     def new_generation(self) -> None:
         """The next step starts a generation: recompute the per-generation text work."""
         self._text_key = None
+        self._grid = None
         self._new_generation = True
+
+    def grid(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[int, int]:
+        """The ``(h, w)`` token grid of this call, asked of the family once per generation and
+        :meth:`~.core.Family.grid_key` (FLUX reads it from ``img_ids``, on the host)."""
+        key = self.family.grid_key(inputs)
+        if self._grid is None or self._grid[0] != key:
+            self._grid = (key, self.family.grid(model, inputs))
+        return self._grid[1]
 
     def graphs_for(self, buffers: Buffers) -> StepGraphs | None:
         """The graphs to run steps of ``buffers``' shape through, or None (eager)."""
@@ -171,12 +186,11 @@ class Engine:
                 lora = name == family.attention_kwargs
                 raise NotImplementedError(_unsupported(name, value, lora))
         hidden: Tensor = inputs["hidden_states"]
-        h, w = family.grid(model, inputs)
         n_joint, n_text = family.text_lengths(model, inputs)
         key = BufferKey(
             rows=hidden.shape[0],
             batch=batch,
-            n_tokens=h * w,
+            n_tokens=family.n_tokens(model, inputs),
             n_joint=n_joint,
             n_text=n_text,
             out_dim=family.output_dim(model),
@@ -239,5 +253,5 @@ class Engine:
                 0, indices.rows_index, tokens.view(-1, tokens.shape[-1])
             )
             scores = merged if ctx.raw is None else ctx.raw
-        output = self.family.output(model, merged, self.family.grid(model, inputs))
+        output = self.family.output(model, merged, inputs)
         return StepResult(output, scores, ctx.attention)

@@ -47,6 +47,7 @@ from diffusers.models.attention_processor import (
     JointAttnProcessor2_0,
 )
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 from torch import Tensor
 
@@ -67,6 +68,7 @@ REPRODUCED_PROCESSORS = (
     JointAttnProcessor2_0,
     FusedAttnProcessor2_0,
     FusedJointAttnProcessor2_0,
+    FluxAttnProcessor,  # FLUX.1's (it reads fused projections itself)
     CATProcessor,
 )
 
@@ -100,7 +102,9 @@ class CATState(BaseState):
     Per generation:
         step: 0-based index of the current step (-1 before the first call).
         reference: conditional output of step ``s + 1`` (what the selector compares against).
-        full_steps, pruned_steps: steps of each kind the primary calls ran.
+        full_steps, pruned_steps: steps of each kind the primary calls ran (readable after a
+            pipeline call: diffusers resets stateful hooks at its end, which only ends the
+            generation).
         secondary_calls, extra_calls: calls of the other two kinds (see the module docstring).
     """
 
@@ -242,7 +246,7 @@ class CATState(BaseState):
             self._shape = (rows, n_tokens)
 
         config = self.config
-        grid = engine.family.grid(model, inputs)
+        grid = engine.grid(model, inputs)
         indices = buffers.index_set(self._k(n_tokens))
         pruned = i >= config.first_pruned_step and (
             self.force_indices is not None or self._has_index
@@ -451,11 +455,13 @@ def pipeline_source(pipe: Any, arguments: dict[str, Any]) -> CallSource | None:
         position = scheduler.step_index
         if position is None:
             position = getattr(scheduler, "begin_index", None) or 0
-    return CallSource(timesteps, position, _uses_cfg(pipe, arguments))
+    cfg = family_of(unwrap(pipe.transformer)).cfg and _uses_cfg(pipe, arguments)
+    return CallSource(timesteps, position, cfg)
 
 
 def _uses_cfg(pipe: Any, arguments: dict[str, Any]) -> bool:
-    """Whether this call batches ``[uncond, cond]``: diffusers' rule ``guidance_scale > 1``.
+    """Whether this call of a CFG family's pipeline batches ``[uncond, cond]``: diffusers' rule
+    ``guidance_scale > 1`` (guidance-distilled families, FLUX.1, never do: ``Family.cfg``).
 
     SD3 exposes it as ``pipe.do_classifier_free_guidance`` (set from the same argument);
     PixArt only has the local ``guidance_scale > 1.0``.
@@ -642,19 +648,22 @@ def apply_cat(
     obj: Any,
     config: CATConfig | None = None,
     *,
-    cfg: bool = True,
+    cfg: bool | None = None,
     selector_factory: SelectorFactory | None = None,
     **config_kwargs: Any,
 ) -> CATState:
-    """Apply CAT pruning to a diffusers pipeline or its transformer (SD3, SD3.5, PixArt-Sigma).
+    """Apply CAT pruning to a diffusers pipeline or its transformer (SD3, SD3.5, PixArt-Sigma,
+    FLUX.1).
 
     ``apply_cat(pipe, CATConfig(alpha=0.3))`` or ``apply_cat(pipe, alpha=0.3)``. The hook is on
     the transformer: every pipeline that calls it (this one, others built from its components)
-    starts a generation per call and takes CFG from the call's ``guidance_scale``. A bare
-    transformer's generation starts with ``state.reset()`` / ``with state.generation():`` and
-    ``cfg`` says whether its batch is ``[uncond..., cond...]``. Works beneath accelerate's CPU
-    offload hooks and inside ``torch.compile`` wrappers, in either order. Applying again replaces
-    the old setup. Returns the :class:`CATState` (counters, ``force_indices``, ``reset()``).
+    starts a generation per call and takes CFG from the call's ``guidance_scale`` (FLUX.1's
+    guidance is an input embedding: one row per image). A bare transformer's generation starts
+    with ``state.reset()`` / ``with state.generation():`` and ``cfg`` says whether its batch is
+    ``[uncond..., cond...]`` (default: the family's, True except for FLUX.1). Works beneath
+    accelerate's CPU offload hooks and inside ``torch.compile`` wrappers, in either order.
+    Applying again replaces the old setup. Returns the :class:`CATState` (counters,
+    ``force_indices``, ``reset()``).
     """
     if config is None:
         config = CATConfig(**config_kwargs)
@@ -662,6 +671,8 @@ def apply_cat(
         config = dataclasses.replace(config, **config_kwargs)
     transformer, _ = _split(obj)
     attention_module_name(transformer, config.attention_block)  # in range
+    if cfg is None:
+        cfg = family_of(transformer).cfg
     remove_cat(obj)
     if _is_compiled(obj):
         _warn_compiled()

@@ -45,7 +45,7 @@ def cache_bytes(
     batch: int,
     height: int,
     width: int,
-    cfg: bool = True,
+    cfg: bool | None = None,
     dtype: torch.dtype = torch.float16,
     max_sequence_length: int | None = None,
     text_tokens: int | None = None,
@@ -55,9 +55,10 @@ def cache_bytes(
     """CAT's buffers for ``batch`` images of ``height`` x ``width`` pixels.
 
     ``transformer``: the model, or its config (a ``transformer/config.json`` mapping with
-    ``_class_name``). ``cfg``: two rows per image. ``text_tokens``: prompt tokens fed to the
-    transformer; by default what the family's diffusers pipeline feeds at
-    ``max_sequence_length`` (SD3: 77 CLIP + 256 T5, PixArt-Sigma: 300). ``config``: the CAT
+    ``_class_name``). ``cfg``: two rows per image (default: the family's, False for FLUX.1).
+    ``text_tokens``: prompt tokens fed to the transformer; by default what the family's
+    diffusers pipeline feeds at ``max_sequence_length`` (SD3: 77 CLIP + 256 T5, PixArt-Sigma:
+    300, FLUX.1: 512). ``config``: the CAT
     settings (``stream`` and ``alpha`` matter). No weights and no memory are used.
     """
     config = config or CATConfig()
@@ -70,6 +71,8 @@ def cache_bytes(
     with torch.device("meta"):
         model = family.model_class.from_config(settings).eval()
     torch.nn.Module.to(model, dtype)  # diffusers' own .to() warns about fp32-kept modules
+    if cfg is None:
+        cfg = family.cfg
     rows = 2 * batch if cfg else batch
     if text_tokens is None:
         text_tokens = family.text_tokens(model.config, max_sequence_length)

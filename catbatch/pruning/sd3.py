@@ -26,6 +26,7 @@ from .core import (
     Family,
     StepContext,
     modulate,
+    modulation,
     normed,
     project_added_qkv,
     project_qkv,
@@ -109,12 +110,6 @@ class SD3(Family):
         return ctx.finish(lambda x: model.proj_out(model.norm_out(x, temb)), tokens)
 
 
-def _modulation(norm: torch.nn.Module, silu_temb: Tensor, chunks: int) -> tuple[Tensor, ...]:
-    """AdaLN-Zero's shift/scale/gate vectors, each ``(R, 1, D)``."""
-    emb = norm.linear(silu_temb)
-    return emb.view(emb.shape[0], chunks, -1).split(1, dim=1)
-
-
 def _block(
     block: torch.nn.Module,
     i: int,
@@ -128,14 +123,14 @@ def _block(
     r, d = ctx.rows, x.shape[-1]
     attn: Attention = block.attn
     dual = block.attn2 is not None
-    mods = _modulation(block.norm1, silu_temb, 9 if dual else 6)
+    mods = modulation(block.norm1, silu_temb, 9 if dual else 6)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods[:6]
     x_norm = block.norm1.norm(x)
     h = modulate(x_norm, shift_msa, scale_msa).view(-1, d)
     if block.context_pre_only:
         hc = block.norm1_context(c, temb)
     else:
-        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = _modulation(
+        c_shift_msa, c_scale_msa, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = modulation(
             block.norm1_context, silu_temb, 6
         )
         hc = modulate(block.norm1_context.norm(c), c_shift_msa, c_scale_msa)
