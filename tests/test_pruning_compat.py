@@ -10,8 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import cpu_offload
-from accelerate.hooks import AlignDevicesHook, CpuOffload
+from accelerate.hooks import AlignDevicesHook, CpuOffload, remove_hook_from_submodules
 from diffusers import (
+    FluxImg2ImgPipeline,
+    FluxPipeline,
     PixArtSigmaPipeline,
     StableDiffusion3Img2ImgPipeline,
     StableDiffusion3Pipeline,
@@ -20,6 +22,7 @@ from diffusers.models.attention_processor import (
     AttnProcessor2_0,
     SD3IPAdapterJointAttnProcessor2_0,
 )
+from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
 from catbatch.models.tiny import build_tiny_pipeline, pipeline_call_kwargs
 from catbatch.pruning import CATConfig, apply_cat, get_cat_state, remove_cat
@@ -30,6 +33,7 @@ STEPS = 10  # steps 0..7 full, 8..9 pruned
 PRUNED = STEPS - 8
 PROMPTS = ["a red cube on a table", "a dog in the snow"]
 TOL = 1e-5
+FLUX_CALL = dict(max_sequence_length=32)  # T5 tokens: the default 512 only makes tests slower
 
 
 def fresh(name: str):
@@ -94,13 +98,14 @@ def test_model_cpu_offload_runs_around_the_cat_step(order, counted):
     assert torch.equal(generate(pipe), base) and counted[transformer] == 4 * STEPS
 
 
-@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart"])
+@pytest.mark.parametrize("name", ["tiny-sd3", "tiny-pixart", "tiny-flux"])
 @pytest.mark.parametrize("order", ["offload_first", "cat_first"])
 def test_sequential_cpu_offload_of_the_transformer(name, order, counted):
     """accelerate's ``cpu_offload`` (what ``enable_sequential_cpu_offload`` does per component):
     weights on the meta device between module calls, PixArt's ``scale_shift_table`` too."""
     pipe = fresh(name)
-    base = generate(pipe)
+    call = FLUX_CALL if name == "tiny-flux" else {}
+    base = generate(pipe, **call)
     if order == "cat_first":
         state = apply_cat(pipe, alpha=1.0)
     cpu_offload(pipe.transformer, execution_device=torch.device("cpu"))
@@ -108,15 +113,15 @@ def test_sequential_cpu_offload_of_the_transformer(name, order, counted):
         state = apply_cat(pipe, alpha=1.0)
     assert next(pipe.transformer.transformer_blocks[0].parameters()).device.type == "meta"
     counted.clear()
-    out = generate(pipe)
+    out = generate(pipe, **call)
     hook = pipe.transformer._hf_hook  # PixArt: two (inputs, and its own parameters)
     per_call = len(getattr(hook, "hooks", [hook]))
     assert counted.get(type(pipe.transformer).__name__) == per_call * STEPS
     assert state.pruned_steps == PRUNED and max_diff(out, base) <= TOL
     apply_cat(pipe, alpha=0.3)
-    assert torch.equal(generate(pipe), generate(pipe))
+    assert torch.equal(generate(pipe, **call), generate(pipe, **call))
     remove_cat(pipe)
-    assert max_diff(generate(pipe), base) <= TOL
+    assert max_diff(generate(pipe, **call), base) <= TOL
 
 
 # -- 2. a generation per call of whatever pipeline calls the transformer -------------------------
@@ -273,39 +278,53 @@ def test_skip_layer_guidance_calls_read_the_caches_and_change_nothing():
 # -- 4. LoRA through joint_attention_kwargs; IP-Adapter named ------------------------------------
 
 
+LORA_PIPELINES = {"tiny-sd3": StableDiffusion3Pipeline, "tiny-flux": FluxPipeline}
+
+
 @pytest.fixture(scope="module")
 def lora_dir(tmp_path_factory):
-    """A LoRA for tiny-sd3's transformer made offline with peft, saved as diffusers saves one."""
+    """``lora_dir(name)``: a LoRA for the preset's transformer made offline with peft, saved as
+    diffusers saves one."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    pipe = fresh("tiny-sd3")
-    torch.manual_seed(0)
-    config = LoraConfig(
-        r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"]
-    )
-    pipe.transformer.add_adapter(config)
-    path = tmp_path_factory.mktemp("lora")
-    layers = get_peft_model_state_dict(pipe.transformer)
-    StableDiffusion3Pipeline.save_lora_weights(path, transformer_lora_layers=layers)
-    return path
+    made = {}
+
+    def make(name):
+        if name not in made:
+            pipe = fresh(name)
+            torch.manual_seed(0)
+            config = LoraConfig(
+                r=4, lora_alpha=4, init_lora_weights=False, target_modules=["to_q", "to_k", "to_v"]
+            )
+            pipe.transformer.add_adapter(config)
+            path = tmp_path_factory.mktemp("lora")
+            layers = get_peft_model_state_dict(pipe.transformer)
+            LORA_PIPELINES[name].save_lora_weights(path, transformer_lora_layers=layers)
+            made[name] = path
+        return made[name]
+
+    return make
 
 
+@pytest.mark.parametrize("name", list(LORA_PIPELINES))
 @pytest.mark.parametrize("order", ["lora_first", "cat_first"])
-def test_lora_scale_is_honoured(lora_dir, order):
-    pipe = fresh("tiny-sd3")
-    plain = generate(pipe)
+def test_lora_scale_is_honoured(lora_dir, order, name):
+    pipe = fresh(name)
+    call = FLUX_CALL if name == "tiny-flux" else {}
+    plain = generate(pipe, **call)
     if order == "cat_first":
         state = apply_cat(pipe, alpha=1.0)
-        pipe.load_lora_weights(lora_dir)
+        pipe.load_lora_weights(lora_dir(name))
     else:
-        pipe.load_lora_weights(lora_dir)
+        pipe.load_lora_weights(lora_dir(name))
         state = apply_cat(pipe, alpha=1.0)
-    cat = {s: generate(pipe, joint_attention_kwargs={"scale": s}) for s in (1.0, 0.5)}
+    scaled = {s: dict(joint_attention_kwargs={"scale": s}, **call) for s in (1.0, 0.5)}
+    cat = {s: generate(pipe, **kwargs) for s, kwargs in scaled.items()}
     assert state.pruned_steps == PRUNED
     remove_cat(pipe)
     for scale, out in cat.items():
-        assert max_diff(out, generate(pipe, joint_attention_kwargs={"scale": scale})) <= TOL
+        assert max_diff(out, generate(pipe, **scaled[scale])) <= TOL
     assert max_diff(cat[1.0], cat[0.5]) > 1e-3 and max_diff(cat[1.0], plain) > 1e-3
 
 
@@ -386,3 +405,56 @@ def test_torch_compile_in_either_order(order):
     remove_cat(pipe)
     assert max_diff(generate(pipe), base) <= TOL
     torch._dynamo.reset()
+
+
+# -- FLUX.1 (tiny-flux): the same combinations --------------------------------------------------
+
+
+@pytest.mark.parametrize("order", ["offload_first", "cat_first"])
+def test_flux_model_cpu_offload_and_img2img_from_components(order, counted):
+    pipe = fresh("tiny-flux")
+    pipe.enable_model_cpu_offload(device="cpu")
+    base = generate(pipe, **FLUX_CALL)
+    img2img = FluxImg2ImgPipeline(**pipe.components)  # shares the transformer and scheduler
+    img2img.set_progress_bar_config(disable=True)
+    image = torch.rand(len(PROMPTS), 3, 128, 128, generator=torch.Generator().manual_seed(4))
+    call = dict(image=image, strength=0.5, num_inference_steps=20, **FLUX_CALL)  # last 10
+    img2img_base = generate(img2img, **call)
+    if order == "offload_first":
+        state = apply_cat(pipe, alpha=1.0)
+    else:
+        remove_hook_from_submodules(pipe.transformer)
+        state = apply_cat(pipe, alpha=1.0)
+        pipe.enable_model_cpu_offload(device="cpu")
+    counted.clear()
+    out = generate(pipe, **FLUX_CALL)
+    assert counted.get("FluxTransformer2DModel") == STEPS  # accelerate's hook ran each call
+    assert state.cfg is False and state.pruned_steps == PRUNED
+    assert max_diff(out, base) <= TOL
+    out = generate(img2img, **call)
+    assert (state.full_steps, state.pruned_steps) == (8, PRUNED)
+    assert max_diff(out, img2img_base) <= TOL
+    state = apply_cat(pipe, alpha=0.3)
+    assert torch.equal(generate(img2img, **call), generate(img2img, **call))
+    remove_cat(pipe)
+
+
+def test_flux_processor_changes_and_ip_adapter():
+    class Custom(FluxAttnProcessor):  # a user's processor: CAT cannot run its code
+        pass
+
+    pipe = fresh("tiny-flux")
+    apply_cat(pipe, alpha=0.3)
+    with pytest.raises(NotImplementedError, match="IP-Adapter"):
+        embeds = {"ip_adapter_image_embeds": [torch.zeros(2, 1, 8)]}
+        generate(pipe, joint_attention_kwargs=embeds, **FLUX_CALL)
+    pipe.transformer.set_attn_processor(Custom())
+    with pytest.raises(NotImplementedError, match="Custom"):
+        generate(pipe, **FLUX_CALL)
+    pipe.transformer.set_attn_processor(FluxAttnProcessor())  # diffusers' default: taken up
+    state = get_cat_state(pipe)
+    generate(pipe, **FLUX_CALL)
+    assert state.pruned_steps == PRUNED
+    modules = family_of(pipe.transformer).attention_modules(pipe.transformer)
+    assert all(isinstance(a.processor, CATProcessor) for a in modules.values())
+    remove_cat(pipe)
