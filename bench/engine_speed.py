@@ -294,8 +294,8 @@ def shared_copy(model: torch.nn.Module) -> torch.nn.Module:
 class CatRunner(Runner):
     """CAT applied once to a weight-sharing copy of the transformer (buffers, and CUDA graphs
     where on, are kept across generations); the state is reset per generation, as a pipeline
-    does (``auto_reset`` off: no timestep read). Rows pair as CFG halves for SD3, not for
-    FLUX (the family's default)."""
+    does (no timestep read). Rows pair as CFG halves for SD3, not for FLUX (the family's
+    default)."""
 
     def __init__(
         self,
@@ -308,7 +308,6 @@ class CatRunner(Runner):
         self.config, self.label, self.timer = config, label, timer
         factory = timer.factory if timer is not None else None
         self.state = apply_cat(self.model, config, selector_factory=factory)
-        self.state.auto_reset = False
 
     def begin(self) -> None:
         self.state.reset()

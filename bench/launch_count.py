@@ -99,7 +99,6 @@ def step_counts(
     extra = {} if stream is None else {"stream": stream}
     config = CATConfig(alpha=0.3, strategy=strategy, cuda_graphs="off", **extra)
     state = apply_cat(model, config, cfg=True)
-    state.auto_reset = False
     try:
         call(900.0)
         cat_full = count(lambda: call(899.0))  # a plain full step (step 1)

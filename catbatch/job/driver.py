@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from catbatch.job import memory as cache_memory
 from catbatch.job import resume
 from catbatch.job.commits import Written, write_digest
 from catbatch.job.layout import OutputLayout
@@ -85,6 +86,7 @@ class Plan:
     warnings: list[str] = field(default_factory=list)  # settings that run but miss their point
     previous: dict | None = None  # run.json of earlier submissions of this run (prepare_output)
     damaged: list[str] = field(default_factory=list)  # committed pieces moved aside, and why
+    cat_cache: dict[str, dict[str, int]] = field(default_factory=dict)  # variant -> CAT bytes
 
     def counts(self) -> dict[str, int]:
         n_var = len(self.manifest.resolved_variants())
@@ -169,6 +171,9 @@ def plan(manifest: Manifest, check_model: bool = True, rescan: bool = False) -> 
         index = build_index(manifest.prompts, manifest.base_dir, manifest.shard_size)
     p = Plan(manifest, index, all_tasks(manifest, index), source, layout)
     p.warnings = _pruning_warnings(manifest) + _invalid_prompt_warnings(manifest, index)
+    if source:
+        config = cache_memory.transformer_config(source)
+        p.cat_cache = cache_memory.cat_cache_bytes(manifest, config, source_family(source))
     return p
 
 
@@ -467,6 +472,7 @@ def submit(
             previous=p.previous,
             submission=entry,
             shard_index=p.index_file,
+            cat_cache=p.cat_cache,
         )
         with stop.deferred() if defer else nullcontext():
             layout.write_json(layout.run_record, record)

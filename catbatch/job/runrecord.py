@@ -166,12 +166,15 @@ def run_record(
     previous: dict[str, Any] | None = None,
     submission: dict[str, Any] | None = None,
     shard_index: str | None = None,
+    cat_cache: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """The run record; ``planned`` maps each variant to its number of pieces and images,
     ``shard_index`` is the shard index's file, relative to the output.
 
     ``previous`` is the record of the same run before this submission: its pipeline and logs
-    stay unless this submission has its own, and ``submission`` is appended to its entries."""
+    stay unless this submission has its own, and ``submission`` is appended to its entries.
+    ``cat_cache``: each pruned variant's CAT buffer bytes per generation
+    (:mod:`catbatch.job.memory`)."""
     previous = previous or {}
     worker_info = worker_info or previous.get("pipeline")
     logs = logs or previous.get("logs")
@@ -190,6 +193,7 @@ def run_record(
         "shards": n_shards,
         "shard_index": shard_index,
         "planned": planned or {},
+        "cat_cache_bytes": cat_cache or {},
         **({"logs": logs} if logs else {}),
         "images_per_prompt": manifest.images_per_prompt,
         "status": status,

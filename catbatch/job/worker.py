@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from catbatch.job import memory as cache_memory
 from catbatch.job.layout import OutputLayout
 from catbatch.job.lease import LeaseLost, check_generation
 from catbatch.job.manifest import Manifest, Sampling
@@ -202,6 +203,13 @@ class Worker:
         self._pruning: dict | None = None
         self._call_kwargs = pipeline_call_kwargs(self.pipe)
         self._family = family_of(self.pipe)  # None for pipelines catbatch does not know
+        # CAT's buffer bytes per pruned variant; refused here when they exceed the free memory
+        self.cat_cache = cache_memory.cat_cache_bytes(
+            manifest, cache_memory.loaded_transformer_config(self.pipe), self._family
+        )
+        cache_memory.check_fits(
+            manifest, self.cat_cache, cache_memory.free_bytes(self.device), self.device_name
+        )
         self.faults = InjectedFaults.from_env()
         self.batch_started: float | None = None  # monotonic start of the running batch
         # beside the pipeline: batches' images to rows, and shards' Parquet files and commits
@@ -308,6 +316,8 @@ class Worker:
         extra: dict[str, Any] = {"batch_splits": run.batch_splits} if run.batch_splits else {}
         if self.placement:
             extra["worker"] = self.placement
+        if task.variant in self.cat_cache:
+            extra["cat_cache_bytes"] = self.cat_cache[task.variant]
         stats = write_shard(
             layout,
             task.variant,

@@ -30,6 +30,23 @@ SD3_MEDIUM: dict[str, Any] = {
     "pos_embed_max_size": 192,
 }
 
+# ``stabilityai/stable-diffusion-3.5-large``: 38 blocks of width 2432, QK RMSNorm, no MMDiT-X
+# second attention (not in the paper; for CAT's cache sizes).
+SD35_LARGE: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 38,
+    "attention_head_dim": 64,
+    "num_attention_heads": 38,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 2432,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192,
+    "qk_norm": "rms_norm",
+}
+
 PIXART_SIGMA: dict[str, Any] = {
     "sample_size": 128,
     "patch_size": 2,

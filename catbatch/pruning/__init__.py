@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 # public name -> submodule that defines it
 _EXPORTS = {
     "STRATEGIES": "config",
+    "CacheBytes": "memory",
+    "cache_bytes": "memory",
     "CATConfig": "config",
     "PruningConfigError": "config",
     "parse_pruning_section": "config",
@@ -34,11 +36,13 @@ _EXPORTS = {
 
 __all__ = [
     "STRATEGIES",
+    "CacheBytes",
     "CATConfig",
     "CATHook",
     "CATState",
     "PruningConfigError",
     "apply_cat",
+    "cache_bytes",
     "count_step_macs",
     "get_cat_state",
     "parse_pruning_section",
@@ -50,6 +54,7 @@ if TYPE_CHECKING:
     from .config import STRATEGIES, CATConfig, PruningConfigError, parse_pruning_section
     from .counting import count_step_macs, pruned_forward
     from .hooks import CATHook, CATState, apply_cat, get_cat_state, remove_cat
+    from .memory import CacheBytes, cache_bytes
 
 
 def __getattr__(name: str) -> Any:

@@ -21,7 +21,8 @@ captured as a CUDA graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -56,7 +57,7 @@ class KVCache:
 
     def __init__(self, key: BufferKey, n_image: int, n_text: int, heads: int, dim: int):
         r, length = key.rows, n_image + n_text
-        self.n_text = n_text
+        self.n_image, self.n_text, self.heads = n_image, n_text, heads
         self.key = torch.zeros(r, length, dim, dtype=key.dtype, device=key.device)
         self.value = torch.zeros_like(self.key)
         self.key_heads = self.key.view(r, length, heads, dim // heads).transpose(1, 2)
@@ -81,7 +82,8 @@ class IndexSet:
     ``index``: ``(B, K)`` int64, what the selector (or a forced set) wrote for the next pruned
     step. ``rows_index``: ``(R * K,)`` rows of the flattened ``(R * N)`` image tokens (CFG rows
     ``b`` and ``B + b`` share sample ``b``'s set); ``kv_index``: the same rows in the flattened
-    ``(R * (N + T))`` joint K/V caches. :meth:`update` derives both from ``index`` in place.
+    ``(R * (N + T))`` joint K/V caches. :meth:`update` derives both from ``index`` in place and
+    keeps the set it used in ``current`` (what later calls of the same step compute).
     """
 
     def __init__(self, key: BufferKey, k: int):
@@ -89,6 +91,7 @@ class IndexSet:
         groups = r // b
         self.k = k
         self.index = torch.arange(k, device=dev).repeat(b, 1)
+        self.current = self.index.clone()
         self.rows_index = torch.zeros(r * k, dtype=torch.long, device=dev)
         self.kv_index = torch.zeros(r * k, dtype=torch.long, device=dev)
         rows = torch.arange(r, device=dev).view(groups, b, 1)
@@ -98,6 +101,7 @@ class IndexSet:
         self._kv_out = self.kv_index.view(groups, b, k)
 
     def update(self) -> None:
+        self.current.copy_(self.index)
         index = self.index.unsqueeze(0)
         torch.add(index, self._offsets, out=self._rows_out)
         torch.add(index, self._kv_offsets, out=self._kv_out)
@@ -152,12 +156,31 @@ class Buffers:
             kept = self.text[name] = torch.empty_like(value)
         return kept.copy_(value)
 
+    def mirror(self, other: Buffers, rows: slice) -> None:
+        """Copy ``other``'s image state for its batch rows ``rows`` (image keys/values, branch
+        caches, merged output) into these buffers: what a call that must not change ``other``
+        reads (see :class:`~catbatch.pruning.hooks.CATState`, extra calls)."""
+        for name, cache in other.kv.items():
+            if not cache.n_image:  # text-only caches are the call's own prompt work
+                continue
+            mine = self.kv.get(name)
+            if mine is None:
+                n_text = self.key.n_joint if cache.n_text else 0
+                dim = cache.key.shape[-1]
+                mine = self.kv[name] = KVCache(self.key, cache.n_image, n_text, cache.heads, dim)
+            mine.image_key.copy_(cache.image_key[rows])
+            mine.image_value.copy_(cache.image_value[rows])
+        for name, branch in other.branches.items():
+            self.branch(name, branch.full.shape[-1]).full.copy_(branch.full[rows])
+        self.merged.copy_(other.merged[rows])
+
     def nbytes(self) -> int:
         """Bytes held (caches, outputs, text tensors and index sets)."""
         tensors = [self.merged, *self.text.values()]
         tensors += [t for c in self.kv.values() for t in (c.key, c.value)]
         tensors += [c.full for c in self.branches.values()]
-        tensors += [t for s in self.index_sets.values() for t in (s.index, s.rows_index)]
+        for s in self.index_sets.values():
+            tensors += [s.index, s.current, s.rows_index, s.kv_index]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -285,6 +308,25 @@ class StepContext:
         return out.transpose(1, 2).reshape(-1, d)
 
 
+@contextmanager
+def weights_of(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``module`` with its own parameters on the compute device for the duration.
+
+    The step reads some parameters directly (PixArt's ``scale_shift_table``) instead of calling
+    the module that owns them; accelerate's sequential CPU offload keeps those on the ``meta``
+    device between the owner's forward calls, so its hook is run around the read.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        yield module
+        return
+    hook.pre_forward(module)
+    try:
+        yield module
+    finally:
+        hook.post_forward(module, None)
+
+
 def modulation(norm: torch.nn.Module, silu_temb: Tensor, chunks: int) -> tuple[Tensor, ...]:
     """AdaLN-Zero's shift/scale/gate vectors of ``norm`` (its ``linear`` on ``silu(temb)``),
     each ``(R, 1, D)``."""
@@ -379,6 +421,9 @@ class Family:
     model_class: ClassVar[type]
     # Inputs of the diffusers forward that the step does not reproduce (error when given).
     unsupported: ClassVar[tuple[str, ...]] = ()
+    # The forward's attention-kwargs input whose ``scale`` is the LoRA scale (diffusers'
+    # ``apply_lora_scale``), or None; its other keys are errors.
+    attention_kwargs: ClassVar[str | None] = None
     # Inputs whose tensors :meth:`step` reads (a captured step copies them in); the others
     # are read by :meth:`prepare_text` only.
     step_inputs: ClassVar[tuple[str, ...]] = ("hidden_states", "timestep")
@@ -389,11 +434,6 @@ class Family:
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:
         return isinstance(model, cls.model_class)
-
-    @staticmethod
-    def check_call(arguments: dict[str, Any]) -> None:
-        """Raise for pipeline call arguments the CAT step cannot honour (bound ``__call__``
-        arguments, defaults applied)."""
 
     @staticmethod
     def attention_modules(model: torch.nn.Module) -> dict[str, Attention]:
@@ -450,6 +490,20 @@ class Family:
     def prepare_text(model: torch.nn.Module, buffers: Buffers, inputs: dict[str, Any]) -> None:
         """Compute what depends only on the prompt into ``buffers.text`` (once per
         generation)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def text_tokens(config: Any, max_sequence_length: int | None) -> int:
+        """Prompt tokens its diffusers pipeline feeds the transformer (``max_sequence_length``:
+        the call's, None for the pipeline's default)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def example_inputs(
+        model: torch.nn.Module, rows: int, latent: tuple[int, int], text_tokens: int
+    ) -> dict[str, Any]:
+        """Forward inputs of the shapes a pipeline call passes (zeros; any device, ``meta``
+        for sizes only): ``rows`` batch rows, ``latent`` = ``(H, W)`` of the latents."""
         raise NotImplementedError
 
     @staticmethod

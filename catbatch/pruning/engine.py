@@ -47,6 +47,14 @@ def family_of(model: torch.nn.Module) -> type[Family]:
     raise TypeError(f"CAT pruning supports {SUPPORTED}, not {type(model).__name__}")
 
 
+def family_named(class_name: str) -> type[Family]:
+    """The :class:`Family` of a transformer class name (a ``config.json``'s ``_class_name``)."""
+    for family in FAMILIES:
+        if family.model_class.__name__ == class_name:
+            return family
+    raise TypeError(f"CAT pruning supports {SUPPORTED}, not {class_name}")
+
+
 def cat_processors(model: torch.nn.Module) -> dict[Attention, CATProcessor]:
     """A CAT processor for every attention module the step runs (each checked)."""
     modules = family_of(model).attention_modules(model)
@@ -65,6 +73,19 @@ def attention_module_name(model: torch.nn.Module, block: int) -> str:
     return family_of(model).attention_name(model, block)
 
 
+def _unsupported(name: str, value: Any, lora: bool) -> str:
+    if isinstance(value, dict) and "ip_adapter_image_embeds" in value:
+        return (
+            f"CAT pruning does not support IP-Adapter (`{name}['ip_adapter_image_embeds']`): "
+            "remove_cat() to generate with an IP-Adapter"
+        )
+    if isinstance(value, dict):
+        keys = ", ".join(sorted(map(str, value)))
+        only = " (only the LoRA `scale`)" if lora else ""
+        return f"CAT pruning does not support `{name}` keys: {keys}{only}"
+    return f"CAT pruning does not support `{name}`"
+
+
 def _weights_signature(model: torch.nn.Module) -> tuple[Any, ...]:
     """Where the weights are (first and last parameter), to notice moved weights cheaply."""
     params = list(model.parameters())
@@ -72,6 +93,12 @@ def _weights_signature(model: torch.nn.Module) -> tuple[Any, ...]:
         return ()
     ends = (params[0], params[-1])
     return tuple((p.device, p.dtype, p.data_ptr() if p.device.type != "meta" else 0) for p in ends)
+
+
+def offloaded(model: torch.nn.Module) -> bool:
+    """Whether accelerate's CPU offload hooks are on ``model`` or its modules (weights that
+    move between calls: no CUDA graphs)."""
+    return any(hasattr(module, "_hf_hook") for module in model.modules())
 
 
 def _compute_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype:
@@ -111,6 +138,7 @@ class Engine:
         self._grid: tuple[Any, tuple[int, int]] | None = None  # (grid_key, grid)
         self._weights: tuple[Any, ...] | None = None
         self._new_generation = True
+        self._offloaded = False
         self._warned = False
 
     def new_generation(self) -> None:
@@ -134,12 +162,15 @@ class Engine:
             return graphs if graphs.enabled else None
         key = buffers.key
         tokens = key.rows * (key.n_tokens + key.n_joint)
-        if not wants_graphs(self.cuda_graphs, key.device, tokens):
-            if self.cuda_graphs == "on" and key.device.type != "cuda" and not self._warned:
+        if self._offloaded or not wants_graphs(self.cuda_graphs, key.device, tokens):
+            if self.cuda_graphs == "on" and not self._warned:
                 self._warned = True
-                warnings.warn(
-                    "CAT: cuda_graphs='on' needs a CUDA device; running eagerly", stacklevel=3
+                why = (
+                    "does not combine with CPU offload (the weights move between calls)"
+                    if self._offloaded
+                    else "needs a CUDA device"
                 )
+                warnings.warn(f"CAT: cuda_graphs='on' {why}; running eagerly", stacklevel=3)
             return None
         if graphs is None or graphs.device != key.device:
             graphs = self.graphs = StepGraphs(key.device)
@@ -152,7 +183,8 @@ class Engine:
         for name in family.unsupported:
             value = inputs.get(name)
             if value is not None and not (isinstance(value, (dict, list, tuple)) and not value):
-                raise NotImplementedError(f"CAT pruning does not support `{name}`")
+                lora = name == family.attention_kwargs
+                raise NotImplementedError(_unsupported(name, value, lora))
         hidden: Tensor = inputs["hidden_states"]
         n_joint, n_text = family.text_lengths(model, inputs)
         key = BufferKey(
@@ -167,6 +199,7 @@ class Engine:
         )
         if self._new_generation:
             self._new_generation = False
+            self._offloaded = offloaded(model)
             weights = _weights_signature(model)
             if weights != self._weights:  # moved or reloaded weights: graphs are stale
                 self._weights = weights

@@ -40,6 +40,7 @@ from .core import (
     tensor_key,
 )
 
+T5_TOKENS = 512  # FluxPipeline's default max_sequence_length
 FP16_MAX = 65504.0  # diffusers clips FLUX's residual streams to this in float16
 
 
@@ -47,28 +48,12 @@ class Flux(Family):
     name = "flux"
     model_class = FluxTransformer2DModel
     unsupported = (
-        "joint_attention_kwargs",  # IP-Adapter, LoRA scale
+        "joint_attention_kwargs",  # IP-Adapter; its LoRA ``scale`` is honoured
         "controlnet_block_samples",
         "controlnet_single_block_samples",
     )
+    attention_kwargs = "joint_attention_kwargs"
     cfg = False
-
-    @staticmethod
-    def check_call(arguments: dict[str, Any]) -> None:
-        """Refuse FluxPipeline's true CFG (``true_cfg_scale > 1`` with a negative prompt): the
-        pipeline then calls the transformer twice per step (cond, then uncond) and CAT's
-        timeline counts one call per step."""
-        true_cfg = arguments.get("true_cfg_scale")
-        negative = arguments.get("negative_prompt") is not None or (
-            arguments.get("negative_prompt_embeds") is not None
-            and arguments.get("negative_pooled_prompt_embeds") is not None
-        )
-        if true_cfg is not None and true_cfg > 1 and negative:
-            raise NotImplementedError(
-                f"CAT pruning of FLUX does not support true CFG (true_cfg_scale={true_cfg} with "
-                "a negative prompt: two transformer calls per step); use true_cfg_scale=1 or no "
-                "negative prompt (guidance_scale, FLUX's embedded guidance, works as usual)"
-            )
 
     @staticmethod
     def attention_modules(model: FluxTransformer2DModel) -> dict[str, torch.nn.Module]:
@@ -128,6 +113,30 @@ class Flux(Family):
         return tuple(tensor_key(inputs.get(name)) for name in names)
 
     @staticmethod
+    def text_tokens(config: Any, max_sequence_length: int | None) -> int:
+        return max_sequence_length or T5_TOKENS
+
+    @staticmethod
+    def example_inputs(
+        model: FluxTransformer2DModel, rows: int, latent: tuple[int, int], text_tokens: int
+    ) -> dict[str, Any]:
+        config, dtype = model.config, model.dtype
+        n = (latent[0] // 2) * (latent[1] // 2)  # 2 x 2 latent patches packed per token
+        inputs = {
+            "hidden_states": torch.zeros(rows, n, config.in_channels, dtype=dtype),
+            "timestep": torch.zeros(rows),
+            "encoder_hidden_states": torch.zeros(
+                rows, text_tokens, config.joint_attention_dim, dtype=dtype
+            ),
+            "pooled_projections": torch.zeros(rows, config.pooled_projection_dim, dtype=dtype),
+            "img_ids": torch.zeros(n, 3),
+            "txt_ids": torch.zeros(text_tokens, 3),
+        }
+        if config.guidance_embeds:
+            inputs["guidance"] = torch.zeros(rows)
+        return inputs
+
+    @staticmethod
     def prepare_text(
         model: FluxTransformer2DModel, buffers: Buffers, inputs: dict[str, Any]
     ) -> None:
@@ -143,7 +152,10 @@ class Flux(Family):
                     else "this FLUX transformer has no guidance embedding: pass guidance=None"
                 )
             )
-        buffers.keep_text("context", model.context_embedder(inputs["encoder_hidden_states"]))
+        context = model.context_embedder(inputs["encoder_hidden_states"])
+        rows = buffers.key.rows  # one prompt row for every image row broadcasts, as in diffusers
+        context = context.expand(rows, -1, -1).contiguous() if len(context) != rows else context
+        buffers.keep_text("context", context)
         buffers.keep_text("pooled", embed.text_embedder(pooled))
         if guidance is not None:  # as the forward: scaled like the timestep, in its dtype
             projected = embed.time_proj(guidance.to(buffers.key.dtype) * 1000)

@@ -26,7 +26,10 @@ from .core import (
     project_kv,
     project_qkv,
     tensor_key,
+    weights_of,
 )
+
+T5_TOKENS = 300  # PixArtSigmaPipeline's default max_sequence_length
 
 
 class PixArt(Family):
@@ -62,6 +65,25 @@ class PixArt(Family):
             tensor_key(inputs["encoder_hidden_states"]),
             tensor_key(inputs.get("encoder_attention_mask")),
         )
+
+    @staticmethod
+    def text_tokens(config: Any, max_sequence_length: int | None) -> int:
+        return max_sequence_length or T5_TOKENS
+
+    @staticmethod
+    def example_inputs(
+        model: PixArtTransformer2DModel, rows: int, latent: tuple[int, int], text_tokens: int
+    ) -> dict[str, Any]:
+        config, dtype = model.config, model.dtype
+        return {
+            "hidden_states": torch.zeros(rows, config.in_channels, *latent, dtype=dtype),
+            "timestep": torch.zeros(rows),
+            "encoder_hidden_states": torch.zeros(
+                rows, text_tokens, config.caption_channels, dtype=dtype
+            ),
+            "encoder_attention_mask": torch.ones(rows, text_tokens, dtype=dtype),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }
 
     @staticmethod
     def prepare_text(
@@ -124,9 +146,9 @@ def _block(
 ) -> Tensor:
     """One ``BasicTransformerBlock`` (``ada_norm_single``) on image rows ``x`` ``(R, S, D)``."""
     r, d = ctx.rows, x.shape[-1]
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-        block.scale_shift_table + modulation
-    ).split(1, dim=1)
+    with weights_of(block):  # its own table (sequential CPU offload loads it here)
+        table = block.scale_shift_table + modulation
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = table.split(1, dim=1)
 
     attn: Attention = block.attn1
     name = f"{i}.attn1"

@@ -6,6 +6,7 @@ tokens come from the block's joint K/V cache (image rows, then this step's text 
 image queries and text queries read in two attention calls. The text stream runs in full.
 SD3.5's second image-only attention (``attn2``) has its own cache. The context embedding and
 the pooled text projection depend only on the prompt: computed once per generation.
+``skip_layers`` (skip-layer guidance) leaves blocks out, as diffusers does.
 The order of operations follows diffusers' ``JointTransformerBlock`` so that a full step is
 the unpatched computation.
 """
@@ -32,11 +33,14 @@ from .core import (
     tensor_key,
 )
 
+CLIP_TOKENS, T5_TOKENS = 77, 256  # StableDiffusion3Pipeline's prompt embeddings
+
 
 class SD3(Family):
     name = "sd3"
     model_class = SD3Transformer2DModel
-    unsupported = ("block_controlnet_hidden_states", "joint_attention_kwargs", "skip_layers")
+    unsupported = ("block_controlnet_hidden_states", "joint_attention_kwargs")
+    attention_kwargs = "joint_attention_kwargs"
 
     @staticmethod
     def attention_modules(model: SD3Transformer2DModel) -> dict[str, Attention]:
@@ -64,6 +68,24 @@ class SD3(Family):
         )
 
     @staticmethod
+    def text_tokens(config: Any, max_sequence_length: int | None) -> int:
+        return CLIP_TOKENS + (max_sequence_length or T5_TOKENS)  # CLIP, then T5
+
+    @staticmethod
+    def example_inputs(
+        model: SD3Transformer2DModel, rows: int, latent: tuple[int, int], text_tokens: int
+    ) -> dict[str, Any]:
+        config, dtype = model.config, model.dtype
+        return {
+            "hidden_states": torch.zeros(rows, config.in_channels, *latent, dtype=dtype),
+            "timestep": torch.zeros(rows),
+            "encoder_hidden_states": torch.zeros(
+                rows, text_tokens, config.joint_attention_dim, dtype=dtype
+            ),
+            "pooled_projections": torch.zeros(rows, config.pooled_projection_dim, dtype=dtype),
+        }
+
+    @staticmethod
     def prepare_text(
         model: SD3Transformer2DModel, buffers: Buffers, inputs: dict[str, Any]
     ) -> None:
@@ -81,8 +103,10 @@ class SD3(Family):
         silu_temb = F.silu(temb)  # every AdaLN-Zero of every block starts with it
         tokens = ctx.enter(model.pos_embed(inputs["hidden_states"]).contiguous())
         context = text["context"]
+        skip = inputs.get("skip_layers") or ()  # SD3.5 skip-layer guidance: blocks left out
         for i, block in enumerate(model.transformer_blocks):
-            tokens, context = _block(block, i, ctx, tokens, context, temb, silu_temb)
+            if i not in skip:
+                tokens, context = _block(block, i, ctx, tokens, context, temb, silu_temb)
         return ctx.finish(lambda x: model.proj_out(model.norm_out(x, temb)), tokens)
 
 
