@@ -86,7 +86,7 @@ def test_worker_records_the_bytes_in_each_shards_stats(planned, monkeypatch, tmp
     monkeypatch.setattr(cache_memory, "free_bytes", lambda device: need)  # fits exactly
     worker = Worker(m, p.model_source)
     assert worker.cat_cache == p.cat_cache
-    by_variant = {t.variant: t for t in p.tasks}
+    by_variant = {t.variant: t for t in p.pending}  # before prepare_output: every task
     for variant in ("cat", "full"):
         worker.run_task(by_variant[variant], p.layout)
         stats = p.layout.read_json(p.layout.shard_stats(variant, by_variant[variant].shard.name))
