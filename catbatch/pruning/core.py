@@ -130,6 +130,7 @@ class Buffers:
         self.branches: dict[str, BranchCache] = {}
         self.text: dict[str, Tensor] = {}
         self.index_sets: dict[int, IndexSet] = {}
+        self.query_buffers: dict[tuple[int, int], Tensor] = {}
 
     def index_set(self, k: int) -> IndexSet:
         found = self.index_sets.get(k)
@@ -142,6 +143,16 @@ class Buffers:
         if cache is None:
             cache = self.kv[name] = KVCache(self.key, n_image, n_text, attn.heads, attn.inner_dim)
         return cache
+
+    def queries(self, length: int, dim: int) -> Tensor:
+        """A ``(R, length, dim)`` buffer for joint queries, shared by the blocks of a step
+        (each uses it only within its attention call)."""
+        found = self.query_buffers.get((length, dim))
+        if found is None:
+            key = self.key
+            found = torch.empty(key.rows, length, dim, dtype=key.dtype, device=key.device)
+            self.query_buffers[(length, dim)] = found
+        return found
 
     def branch(self, name: str, dim: int) -> BranchCache:
         cache = self.branches.get(name)
@@ -179,6 +190,7 @@ class Buffers:
         tensors = [self.merged, *self.text.values()]
         tensors += [t for c in self.kv.values() for t in (c.key, c.value)]
         tensors += [c.full for c in self.branches.values()]
+        tensors += list(self.query_buffers.values())
         for s in self.index_sets.values():
             tensors += [s.index, s.current, s.rows_index, s.kv_index]
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -293,19 +305,44 @@ class StepContext:
         In the module named ``record`` the probabilities of image queries are formed
         explicitly and their image-key part, averaged over heads, is kept in ``attention``.
         """
+        d = query.shape[-1]
+        q = query.view(self.rows, -1, attn.heads, d // attn.heads).transpose(1, 2)
+        n_image = q.shape[2] if image_queries else 0
+        return self._attention(name, q, key, value, mask, n_image).reshape(-1, d)
+
+    def attend_joint(
+        self, name: str, attn: Attention, query: Tensor, text_query: Tensor, cache: KVCache
+    ) -> tuple[Tensor, Tensor]:
+        """Joint attention of image queries ``(R * S, D)`` and text queries ``(R * T, D)`` over
+        ``cache`` in one call, as diffusers does (one kernel over ``S + T`` queries is faster
+        than two, and the same computation): the queries are written into a persistent
+        ``(R, S + T, D)`` buffer (no ``torch.cat``). Returns the image and text outputs,
+        ``(R * S, D)`` and ``(R * T, D)``."""
         r, h = self.rows, attn.heads
         d = query.shape[-1]
-        q = query.view(r, -1, h, d // h).transpose(1, 2)
-        if image_queries and self.record == name:
+        s, t = query.shape[0] // r, text_query.shape[0] // r
+        joint = self.buffers.queries(s + t, d)
+        joint[:, :s].copy_(query.view(r, s, d))
+        joint[:, s:].copy_(text_query.view(r, t, d))
+        q = joint.view(r, s + t, h, d // h).transpose(1, 2)
+        out = self._attention(name, q, cache.key_heads, cache.value_heads, None, s)
+        return out[:, :s].reshape(-1, d), out[:, s:].reshape(-1, d)
+
+    def _attention(
+        self, name: str, q: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, n_image: int
+    ) -> Tensor:
+        """``(R, H, Sq, Dh)`` queries -> ``(R, Sq, H, Dh)`` outputs; the first ``n_image``
+        queries are image queries (their probabilities are kept in the ``record`` module)."""
+        if n_image and self.record == name:
             scores = (q @ key.transpose(-1, -2)) * q.shape[-1] ** -0.5
             if mask is not None:
                 scores = scores + mask
             probs = scores.float().softmax(dim=-1)
-            self.attention = probs[..., : self.n_tokens].mean(dim=1)
+            self.attention = probs[:, :, :n_image, : self.n_tokens].mean(dim=1)
             out = probs.to(value.dtype) @ value
         else:
             out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask)
-        return out.transpose(1, 2).reshape(-1, d)
+        return out.transpose(1, 2)
 
 
 @contextmanager

@@ -259,9 +259,7 @@ def _joint_attention(
         tq, tk = rope.text(tq, attn.norm_q, heads), rope.text(tk, attn.norm_k, heads)
     cache.text_key.copy_(tk.view(cache.text_key.shape))
     cache.text_value.copy_(tv.view(cache.text_value.shape))
-    out = ctx.attend(name, attn, q, cache.key_heads, cache.value_heads)
-    text_out = ctx.attend(name, attn, tq, cache.key_heads, cache.value_heads, image_queries=False)
-    return out, text_out
+    return ctx.attend_joint(name, attn, q, tq, cache)
 
 
 def _clip16(x: Tensor) -> Tensor:

@@ -3,7 +3,8 @@
 Per block, the image stream computes its modulation, Q/K/V, attention output projection and
 feed-forward for the rows in the stream (``K`` rows at a pruned step); image keys/values of all
 tokens come from the block's joint K/V cache (image rows, then this step's text rows), which
-image queries and text queries read in two attention calls. The text stream runs in full.
+image queries and text queries read in one attention call (a joint query buffer, as
+diffusers' processor concatenates them). The text stream runs in full.
 SD3.5's second image-only attention (``attn2``) has its own cache. The context embedding and
 the pooled text projection depend only on the prompt: computed once per generation.
 ``skip_layers`` (skip-layer guidance) leaves blocks out, as diffusers does.
@@ -147,8 +148,7 @@ def _block(
     tk = normed(attn.norm_added_k, tk, r, attn.heads)
     cache.text_key.copy_(tk.view(cache.text_key.shape))
     cache.text_value.copy_(tv.view(cache.text_value.shape))
-    out = ctx.attend(name, attn, q, cache.key_heads, cache.value_heads)
-    text_out = ctx.attend(name, attn, tq, cache.key_heads, cache.value_heads, image_queries=False)
+    out, text_out = ctx.attend_joint(name, attn, q, tq, cache)
     x = ctx.residual(name, x, attn.to_out[0](out), gate_msa)
 
     if dual:  # SD3.5 MMDiT-X: image-only attention on the same normed input
