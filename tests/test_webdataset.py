@@ -282,3 +282,34 @@ def test_run_status_report_and_resume_after_a_partial_run(tmp_path, ray_cluster)
 
     with pytest.raises(catbatch.InputError, match="differs in: output_format"):
         catbatch.submit(path, output_format="parquet")
+
+
+def readme_example() -> str:
+    """The Python block of the README's "In your pipeline" / "WebDataset output" section."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## In your pipeline") :]
+    section = section[section.index("### WebDataset output") :].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_readme_example_runs_as_written(tmp_path, monkeypatch, capsys, ray_cluster):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(readme_example(), "README.md", "exec"), {})
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "2 rows"
+    assert sorted(line.split(" ", 1)[1] for line in out[:-1]) == [
+        '(64, 64) ok "a blue boat"',
+        '(64, 64) ok "a red fox"',
+    ]
+    # as the README says, Hugging Face datasets reads the same tars
+    import datasets
+
+    data = datasets.load_dataset(
+        "webdataset",
+        data_files=str(tmp_path / "out-wds/variants/default/*.tar"),
+        split="train",
+        cache_dir=str(tmp_path / "hf-cache"),
+    )
+    assert data.num_rows == 2 and data[0]["png"].size == (64, 64)
+    assert {r["json"]["prompt"] for r in data} == {"a red fox", "a blue boat"}
