@@ -3,7 +3,7 @@ tar shards written with the Parquet path's commit marker and read back by the ``
 package, damaged tars found (truncated: by size; same size, other bytes: by sha256), the
 rows kept through --retry-failed's read, status / open_output / report on S3; and a real run
 of the tiny preset: status, open_output, report, resume after a partial run (a shard missing,
-a truncated tar), appended prompts, a changed format refused."""
+a truncated tar), appended prompts, a changed format refused, --retry-failed of a failed image."""
 
 from __future__ import annotations
 
@@ -215,16 +215,23 @@ def test_status_open_output_and_report_on_s3(s3_server, tmp_path):
 # -- a real run of the tiny preset ---------------------------------------------------------------
 
 
-def tar_images(out: Path) -> dict[tuple[str, int], bytes]:
+def tar_samples(out: Path) -> dict[tuple[str, int], dict]:
+    """Every sample of the run's tars as ``webdataset`` reads them, in order, by (id, index)."""
     samples = [
         s
         for f in sorted((out / "variants" / "full").glob("*.tar"))
         for s in wds.WebDataset(str(f), shardshuffle=False)
     ]
-    metas = [json.loads(s["json"]) for s in samples]
-    return {
-        (m["sample_id"], m["image_index"]): s["png"] for m, s in zip(metas, samples, strict=True)
-    }
+    keyed = {}
+    for s in samples:
+        meta = json.loads(s["json"])
+        keyed[(meta["sample_id"], meta["image_index"])] = s
+    assert len(keyed) == len(samples), "a sample appears twice"
+    return keyed
+
+
+def tar_images(out: Path) -> dict[tuple[str, int], bytes]:
+    return {key: s["png"] for key, s in tar_samples(out).items()}
 
 
 @pytest.mark.slow
@@ -282,6 +289,67 @@ def test_run_status_report_and_resume_after_a_partial_run(tmp_path, ray_cluster)
 
     with pytest.raises(catbatch.InputError, match="differs in: output_format"):
         catbatch.submit(path, output_format="parquet")
+
+
+@pytest.mark.slow
+def test_retry_failed_fills_in_a_failed_image(tmp_path, ray_cluster, monkeypatch):
+    """A run where one image fails keeps its row in the tar (JSON, no PNG); submit
+    --retry-failed rewrites that tar with the image made, every other image as it was."""
+    (tmp_path / "prompts.txt").write_text("a red fox\na blue boat\na green tree\n")
+    path = tmp_path / "m.yaml"
+    path.write_text(MANIFEST)
+    out = tmp_path / "out"
+    folder = out / "variants" / "full"
+    bad = catbatch.validate(path, check_model=False).index.read(0)[1].sample_id
+
+    monkeypatch.setenv("CATBATCH_TEST_FAULTS", json.dumps({"fail_ids": [bad]}))
+    res = CliRunner().invoke(main, ["submit", str(path), "--quiet"])
+    monkeypatch.delenv("CATBATCH_TEST_FAULTS")
+    assert res.exit_code == 0, res.output
+    before = tar_samples(out)
+    assert len(before) == 3
+    failed = before[(bad, 0)]
+    assert failed["__key__"] == sample_key(bad, 0) and "png" not in failed
+    meta = json.loads(failed["json"])
+    assert meta["status"] == "failed" and "injected failure" in meta["error"]
+    assert all("png" in s for key, s in before.items() if key != (bad, 0))
+    stats = json.loads((folder / "shard-00000.stats.json").read_text())
+    assert (stats["images_ok"], stats["images_failed"]) == (1, 1)
+    res = CliRunner().invoke(main, ["status", str(out)])
+    assert res.exit_code == 0 and "failed images in shard-00000" in res.output
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    res = CliRunner().invoke(main, ["submit", str(path), "--quiet", "--retry-failed"])
+    assert res.exit_code == 0, res.output
+    assert "retried 1 failed image(s): 1 now ok" in res.output
+    after = tar_samples(out)
+    assert list(after) == list(before)  # the same rows, in the same order
+    meta = json.loads(after[(bad, 0)]["json"])
+    assert meta["status"] == "ok" and meta["error"] is None
+    assert meta["batch_id"].endswith("-retry-b0")
+    assert Image.open(io.BytesIO(after[(bad, 0)]["png"])).size == (64, 64)
+    for key, s in before.items():  # the others: the same image and row
+        if key != (bad, 0):
+            assert after[key]["png"] == s["png"], key
+            assert json.loads(after[key]["json"]) == json.loads(s["json"]), key
+
+    now = {p.name: p.read_bytes() for p in folder.iterdir()}
+    changed = {name for name in files if now[name] != files[name]}
+    assert now.keys() == files.keys()
+    assert changed == {"shard-00000.tar", "shard-00000.stats.json"}
+    stats = json.loads(now["shard-00000.stats.json"])
+    tar = now["shard-00000.tar"]
+    assert stats["parquet_bytes"] == len(tar)
+    assert stats["parquet_sha256"] == hashlib.sha256(tar).hexdigest()
+    assert (stats["rows"], stats["images_ok"], stats["images_failed"]) == (2, 2, 0)
+    assert stats["extra"] == {"retried_images": 1, "recovered_images": 1}
+    res = CliRunner().invoke(main, ["status", str(out), "--verify"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[-1] == "complete" and "failed images" not in res.output
+    st = catbatch.status(out, verify=True)
+    full = st.variants["full"]
+    assert st.complete and (full.images_ok, full.images_failed) == (3, 0)
+    assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
 
 def readme_example() -> str:
