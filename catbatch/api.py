@@ -157,17 +157,20 @@ def open_output(
     """The committed, intact shards of ``variant`` (default: the run's only one) of the run at
     ``output`` (a path or fsspec URL) as a :class:`pyarrow.dataset.Dataset`.
 
-    A shard is in it when its ``.stats.json`` commit marker exists and its Parquet file matches
-    it (size; with ``verify`` also sha256 and footer, which reads every file); damaged or
-    uncommitted files are left out. Nothing but the footers is read until asked, and only the
-    columns asked for: ``ds.to_table(columns=["sample_id", "prompt"])`` reads no image bytes;
-    the ``image`` column is ``{bytes: PNG, path}``. Raises :class:`~catbatch.errors.InputError`
-    when ``output`` holds no run, or ``variant`` is not one of its variants."""
+    A shard is in it when its ``.stats.json`` commit marker exists and its file matches it
+    (size; with ``verify`` also sha256 and row count, which reads every file); damaged or
+    uncommitted files are left out. Parquet output: nothing but the footers is read until
+    asked, and only the columns asked for: ``ds.to_table(columns=["sample_id", "prompt"])``
+    reads no image bytes. WebDataset output (``output_format: webdataset``): the tars are read
+    now, into an in-memory dataset of the same columns. The ``image`` column is ``{bytes: PNG,
+    path}``. Raises :class:`~catbatch.errors.InputError` when ``output`` holds no run, or
+    ``variant`` is not one of its variants."""
+    import pyarrow as pa
     import pyarrow.dataset as ds
 
     from catbatch.job.layout import OutputLayout
     from catbatch.job.verify import check_pieces
-    from catbatch.job.writer import SCHEMA
+    from catbatch.job.writer import PARQUET, SCHEMA, record_format
 
     layout = OutputLayout(os.fspath(output))
     try:
@@ -188,8 +191,20 @@ def open_output(
         raise InputError(
             f"variant {variant!r} is not in {layout.display()}; variants: {', '.join(variants)}"
         )
-    pieces = check_pieces(layout, variant, deep=verify)
-    files = [layout.shard_parquet(variant, name) for name in sorted(pieces.stats)]
+    try:
+        fmt = record_format(record)
+    except ValueError as e:
+        raise InputError(f"{layout.display(layout.run_record)}: {e}") from e
+    pieces = check_pieces(layout, variant, deep=verify, fmt=fmt)
+    files = [fmt.path(layout, variant, name) for name in sorted(pieces.stats)]
+    if fmt is not PARQUET:
+        tables = []
+        for path in files:
+            try:
+                tables.append(fmt.read_table(layout, path))
+            except ValueError as e:  # same size as committed, other bytes: verify=True skips it
+                raise InputError(f"{layout.display(path)}: {e} (pass verify=True)") from e
+        return ds.dataset(pa.concat_tables(tables) if tables else SCHEMA.empty_table())
     schema = None if files else SCHEMA  # the files' own (with their metadata) when there are any
     return ds.dataset(files, schema=schema, format="parquet", filesystem=layout.fs)
 

@@ -296,6 +296,7 @@ def report(
     is still partial and says so.
     """
     from catbatch.job.layout import OutputLayout
+    from catbatch.job.writer import shard_format
     from catbatch.report import ReportError, ReportOptions, make_report
 
     options = ReportOptions(baseline=baseline, bootstrap=bootstrap, seed=seed, pairs=pairs)
@@ -305,9 +306,10 @@ def report(
         _fail(str(e))
     data = result.data
     layout = OutputLayout(output)
+    fmt = shard_format(data.get("output_format"))
     for name in data["variants_order"]:
         for shard, why in data["variants"][name]["unreadable_shards"].items():
-            path = layout.display(layout.shard_parquet(name, shard))
+            path = layout.display(fmt.path(layout, name, shard))
             click.echo(f"warning: skipped unreadable shard {path}: {why}", err=True)
     if data["partial"]:
         click.echo("partial run: " + "; ".join(data["notes"]), err=True)

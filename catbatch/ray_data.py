@@ -50,11 +50,19 @@ from catbatch.job.manifest import Manifest
 from catbatch.job.prompts import Prompt, make_prompt, sample_id_for
 
 
-def load_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read and check a manifest in the driver, for :class:`Generate`: errors show before any
-    actor starts, and the actors need no copy of the file (its folder is made absolute, so
-    relative paths in it resolve on any node that shares them)."""
-    return manifests.load_manifest(Path(path).resolve())
+def load_manifest(
+    manifest: str | os.PathLike[str] | Mapping[str, Any],
+    base_dir: str | os.PathLike[str] | None = None,
+) -> Manifest:
+    """Read and check a manifest (a YAML file's path or a dict of the same fields) in the
+    driver, for :class:`Generate`: errors show before any actor starts, and the actors need no
+    copy of the file (its folder, or a dict's ``base_dir``, default the current directory, is
+    made absolute, so relative paths in it resolve on any node that shares them)."""
+    if isinstance(manifest, Mapping):
+        from catbatch.api import load
+
+        return load(manifest, base_dir)
+    return manifests.load_manifest(Path(manifest).resolve())
 
 
 def actor_options(
@@ -169,8 +177,11 @@ class Generate:
     """Callable class for ``ds.map_batches``: a batch of prompts in, its images' rows out.
 
     Args:
-        manifest: a :class:`Manifest` (:func:`load_manifest` reads one in the driver) or the
-            path of a manifest file, read in each actor.
+        manifest: a :class:`Manifest` (:func:`load_manifest` reads one in the driver), the
+            path of a manifest file or a dict of its fields (as ``catbatch.submit`` takes),
+            read in each actor.
+        base_dir: where the relative paths of a dict manifest resolve (default: the actor's
+            working directory; :func:`load_manifest` in the driver resolves them there).
         variant: which variant's settings to use; required when the manifest has several.
         prompt_column: the column of prompts.
         id_column: the column of sample ids; or
@@ -184,16 +195,17 @@ class Generate:
 
     def __init__(
         self,
-        manifest: Manifest | str | os.PathLike[str],
+        manifest: Manifest | str | os.PathLike[str] | Mapping[str, Any],
         variant: str | None = None,
         *,
+        base_dir: str | os.PathLike[str] | None = None,
         prompt_column: str = "prompt",
         id_column: str | None = None,
         source_name: str | None = None,
         row_column: str = "row",
         metadata_columns: Sequence[str] = (),
     ):
-        m = manifest if isinstance(manifest, Manifest) else manifests.load_manifest(manifest)
+        m = manifest if isinstance(manifest, Manifest) else load_manifest(manifest, base_dir)
         self.variant = choose_variant(m, variant)
         self.columns = PromptColumns(
             prompt_column, id_column, source_name, row_column, tuple(metadata_columns)

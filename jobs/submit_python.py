@@ -2,7 +2,11 @@
 """Run a manifest from Python (catbatch's API, not the command), write its report and print the
 report's folder on stdout (the last line), e.g. for an orchestrator task to pass on::
 
-    python jobs/submit_python.py manifests/coco.yaml [--output s3://bucket/coco]
+    python jobs/submit_python.py [manifests/coco.yaml] [--output s3://bucket/coco]
+
+The manifest defaults to the COCO 2017 run, ``manifests/coco.yaml`` (SD3-medium, unpruned
+against CAT at alpha 0.3; see the README's "Running on your cluster" for its weights and
+prompts).
 
 Resumes like ``catbatch submit`` (committed shards are skipped). Exit codes are the command's:
 0 done, 1 some shards failed, 2 bad input, 3 another submission writes the output, 143 / 130
@@ -13,13 +17,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import catbatch
+
+COCO = Path(__file__).resolve().parents[1] / "manifests" / "coco.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("manifest", help="the job manifest (YAML)")
+    parser.add_argument(
+        "manifest", nargs="?", default=str(COCO), help=f"the job manifest (default: {COCO})"
+    )
     parser.add_argument("--output", help="override the manifest's output (path or URL)")
     args = parser.parse_args(argv)
     overrides = {"output": args.output} if args.output else {}

@@ -242,6 +242,17 @@ def test_jobs_example_prints_the_report_path(runs, capsys):
     assert images(tmp / "out-jobs") == images(tmp / "out")
 
 
+def test_jobs_example_runs_the_coco_manifest_by_default():
+    sys.path.insert(0, str(ROOT / "jobs"))
+    try:
+        import submit_python
+    finally:
+        sys.path.remove(str(ROOT / "jobs"))
+    assert submit_python.COCO == ROOT / "manifests" / "coco.yaml"
+    m = catbatch.load(submit_python.COCO)  # the fields only: its prompts live on the cluster
+    assert m.prompts.format == "coco" and m.model.id.endswith("stable-diffusion-3-medium-diffusers")
+
+
 def test_relative_paths_resolve_from_the_callers_directory(tmp_path, monkeypatch):
     """Actors of a Ray cluster started elsewhere run in another directory: the manifest's
     folder (or a dict's base_dir) is made absolute."""

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from click.testing import CliRunner
 from PIL import Image
 
@@ -131,6 +132,22 @@ def test_variant_required_when_the_manifest_has_several(tmp_path):
     assert choose_variant(single, None) == "default"
 
 
+def test_manifest_may_be_a_dict(tmp_path):
+    """As ``catbatch.submit``: a dict of the manifest's fields, checked with "<dict>" named;
+    relative paths resolve against ``base_dir``."""
+    from catbatch.errors import ManifestError
+    from catbatch.ray_data import load_manifest
+
+    fields = yaml.safe_load(MANIFEST)
+    with pytest.raises(ValueError, match=r"2 variants \(full, cat-0.3\); pass variant="):
+        Generate(fields, id_column="id")  # read and refused before the pipeline loads
+    with pytest.raises(ManifestError, match="<dict>: steps: got 0"):
+        Generate({**fields, "steps": 0}, "full", id_column="id")
+    m = load_manifest(fields, base_dir=tmp_path)
+    assert m == parse_manifest(MANIFEST, base_dir=str(tmp_path))
+    assert m.resolve_path("prompts.jsonl") == str(tmp_path / "prompts.jsonl")
+
+
 @pytest.mark.parametrize(
     ("device", "actors", "resources", "expected"),
     [
@@ -214,9 +231,16 @@ def test_images_equal_submit_for_the_same_batches(submitted, variant):
     path, by_submit = submitted
     order = [0, 1, 2, 3, 6, 7, 4, 5, 8]
     records = [{"id": f"p{i}", "prompt": PROMPTS[i], "extra": i} for i in order]
+    # the manifest's path, or (cat-0.3) a dict of its fields
+    manifest = str(path) if variant == "full" else yaml.safe_load(path.read_text())
     ds = ray.data.from_items(records, override_num_blocks=1).map_batches(
         Generate,
-        fn_constructor_kwargs={"manifest": str(path), "variant": variant, "id_column": "id"},
+        fn_constructor_kwargs={
+            "manifest": manifest,
+            "variant": variant,
+            "id_column": "id",
+            "base_dir": str(path.parent),
+        },
         batch_size=3,
         concurrency=1,
         num_cpus=1,

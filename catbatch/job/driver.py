@@ -44,6 +44,7 @@ from catbatch.job.shardindex import (
 )
 from catbatch.job.sharding import Task
 from catbatch.job.verify import move_aside
+from catbatch.job.writer import shard_format
 from catbatch.models.families import Family, source_family
 from catbatch.models.loader import ModelLoadError, describe_source
 
@@ -342,10 +343,11 @@ def prepare_output(
     p.previous = old
     p.pending = []  # (every task until now: rebuilt below, not held twice)
     ipp = p.manifest.images_per_prompt
+    fmt = shard_format(p.manifest.output_format)
     plans: dict[str, resume.VariantPlan] = {}
     for variant in p.manifest.resolved_variants():
         try:
-            plans[variant] = resume.plan_variant(layout, variant, p.index, ipp, verify)
+            plans[variant] = resume.plan_variant(layout, variant, p.index, ipp, verify, fmt)
         except resume.ResumeError as e:
             raise JobError(str(e)) from None
     # only now: a refused run leaves the output as it was

@@ -1,7 +1,8 @@
 """Where a run's files live, locally or on object storage, and how they are written safely.
 
     OUTPUT/run.json                                  the run record
-    OUTPUT/variants/<variant>/shard-00000.parquet    images and per-sample rows
+    OUTPUT/variants/<variant>/shard-00000.parquet    images and per-sample rows (.tar: WebDataset,
+                                                     catbatch.job.writer.ShardFormat)
     OUTPUT/variants/<variant>/shard-00000.stats.json the shard's commit marker (written last)
 
 A shard counts as committed only when its stats file exists. Local files are written to a
@@ -145,6 +146,7 @@ class OutputLayout:
         return self.path(RUN_RECORD)
 
     def shard_parquet(self, variant: str, shard: str) -> str:
+        """The Parquet format's file (any format's: ``ShardFormat.path``)."""
         return self.path("variants", variant, f"{shard}.parquet")
 
     def shard_stats(self, variant: str, shard: str) -> str:

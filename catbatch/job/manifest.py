@@ -188,6 +188,8 @@ class Manifest(Sampling):
     model: ModelSpec
     prompts: PromptSource
     output: str = Field(min_length=1)
+    # shard files: Parquet, or WebDataset tars (catbatch.job.writer.ShardFormat)
+    output_format: Literal["parquet", "webdataset"] = "parquet"
     seed: int = Field(0, ge=0, lt=2**63)
     images_per_prompt: int = Field(1, ge=1, le=64)
     batch_size: int = Field(1, ge=1, le=256)

@@ -24,15 +24,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import pyarrow.parquet as pq
-
 from catbatch.job import verify
 from catbatch.job.commits import CommitStats
 from catbatch.job.layout import OutputLayout
 from catbatch.job.prompts import Prompt
 from catbatch.job.shardindex import ShardIndex, ShardRefs, SourceChanged, read_piece
 from catbatch.job.sharding import ShardRef, Task, content_hash, parse_piece, piece_name
-from catbatch.job.writer import Row, ShardStats, write_shard
+from catbatch.job.writer import PARQUET, Row, ShardFormat, ShardStats, shard_format, write_shard
 
 
 class ResumeError(RuntimeError):
@@ -175,12 +173,14 @@ def plan_variant(
     index: ShardIndex,
     images_per_prompt: int,
     deep: bool = False,
+    fmt: ShardFormat = PARQUET,
 ) -> VariantPlan:
-    """Match the variant's committed pieces against the shard index; raise naming any mismatch.
+    """Match the variant's committed pieces (files of format ``fmt``) against the shard index;
+    raise naming any mismatch.
 
-    Damaged pieces (``deep``: by sha256 and footer too, see :mod:`catbatch.job.verify`) become
-    pending for the prompts their stats name."""
-    found = verify.check_pieces(layout, variant, deep)
+    Damaged pieces (``deep``: by sha256 and row count too, see :mod:`catbatch.job.verify`)
+    become pending for the prompts their stats name."""
+    found = verify.check_pieces(layout, variant, deep, fmt)
     hashes = _PieceHashes(index)
     pieces, problems = lay_out(
         variant,
@@ -243,7 +243,8 @@ class _PieceHashes:
 
 # -- --retry-failed ---------------------------------------------------------------------------
 def row_from_record(r: dict[str, Any]) -> Row:
-    """A Parquet row (as ``to_pylist`` gives it) back into a :class:`Row`, every column kept."""
+    """A shard's row (as ``to_pylist`` of its table gives it) back into a :class:`Row`, every
+    column kept."""
     names = {f.name for f in dataclasses.fields(Row)}
     values = {k: v for k, v in r.items() if k in names}
     image = r.get("image")
@@ -256,18 +257,20 @@ def row_from_record(r: dict[str, Any]) -> Row:
 def retry_failed(worker: Any, layout: OutputLayout, task: Task) -> ShardStats:
     """Regenerate the failed rows of a committed piece and commit it again.
 
-    The Parquet file is replaced atomically with the failed rows swapped for new ones (same
-    order, every other row untouched), then its stats file. Rows of prompts that are bad in
-    themselves (``invalid``: empty, NUL) are left as they are. A crash between the two writes
-    leaves a consistent Parquet file with stale counts in the stats, which the next
-    ``--retry-failed`` rewrites.
+    The shard's file (in the manifest's ``output_format``) is replaced atomically with the
+    failed rows swapped for new ones (same order, every other row untouched), then its stats
+    file. Rows of prompts that are bad in themselves (``invalid``: empty, NUL) are left as they
+    are. A crash between the two writes leaves a consistent file with stale counts in the
+    stats, which the next ``--retry-failed`` rewrites.
     """
     start = time.perf_counter()
     variant, name = task.variant, task.shard.name
-    data = layout.read_bytes(layout.shard_parquet(variant, name))
+    fmt = shard_format(worker.manifest.output_format)
+    path = fmt.path(layout, variant, name)
+    data = layout.read_bytes(path)
     if data is None:
-        raise FileNotFoundError(layout.display(layout.shard_parquet(variant, name)))
-    rows = [row_from_record(r) for r in pq.read_table(io.BytesIO(data)).to_pylist()]
+        raise FileNotFoundError(layout.display(path))
+    rows = [row_from_record(r) for r in fmt.read(io.BytesIO(data)).to_pylist()]
     items = {
         (it.prompt.sample_id, it.image_index): it for it in worker.items(read_piece(task.shard))
     }
@@ -296,6 +299,7 @@ def retry_failed(worker: Any, layout: OutputLayout, task: Task) -> ShardStats:
         worker.device_name,
         {"retried_images": len(todo), "recovered_images": recovered},
         before_commit=lambda: worker.check_commit(task, layout),
+        fmt=fmt,
     )
 
 

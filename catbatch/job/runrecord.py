@@ -33,14 +33,18 @@ from catbatch.pruning import CATConfig
 def fingerprint_inputs(manifest: Manifest, model_source: dict | None = None) -> dict[str, Any]:
     """Everything that changes results: model (and the snapshot it resolved to), dtype, every
     variant's sampling and pruning settings, seed, images per prompt, the prompt source's
-    identity (location and reading options, not content: that is each shard's ``content_hash``)
-    and the shard size. Not batch size, actors, device, offloading or output location; of the
-    memory options only those that change images (``drop_t5``, ``vae_tiling``), when on; of the
-    pruning settings only those that change images (:meth:`CATConfig.fingerprint_dict`)."""
+    identity (location and reading options, not content: that is each shard's ``content_hash``),
+    the shard size and the output format (when not ``parquet``, so runs made before the field
+    existed keep their fingerprint). Not batch size, actors, device, offloading or output
+    location; of the memory options only those that change images (``drop_t5``,
+    ``vae_tiling``), when on; of the pruning settings only those that change images
+    (:meth:`CATConfig.fingerprint_dict`)."""
     model = manifest.model.model_dump(exclude={"device", "memory"})
     mem = manifest.model.memory
     model.update({k: True for k in ("drop_t5", "vae_tiling") if getattr(mem, k)})
+    fmt = manifest.output_format
     return {
+        **({"output_format": fmt} if fmt != "parquet" else {}),
         "model": model,
         "model_snapshot": resolved_snapshot(model_source or {}),
         "variants": {k: _variant(v) for k, v in manifest.resolved_variants().items()},

@@ -2,12 +2,12 @@
 
 Reads only the output (local or any fsspec URL): the run record (how many prompts, the shard
 size), one listing of each variant's folder with the commit digest (:mod:`catbatch.job.commits`:
-stats files are read only where the digest does not cover them), the sizes of the Parquet files
-(with ``verify`` their contents: sha256 and footer, see :mod:`catbatch.job.verify`) and the
-lease. The planned pieces follow from the prompt count, the shard size and the committed pieces,
-as resume lays them out (:func:`catbatch.job.resume.lay_out`). Needs no manifest or prompt
-source. A damaged shard is not committed: it is named, and the run is not complete until a
-submit has made it again.
+stats files are read only where the digest does not cover them), the sizes of the shard files
+(Parquet or WebDataset tars, as the run record's manifest says; with ``verify`` their contents:
+sha256 and row count, see :mod:`catbatch.job.verify`) and the lease. The planned pieces
+follow from the prompt count, the shard size and the committed pieces, as resume lays them out
+(:func:`catbatch.job.resume.lay_out`). Needs no manifest or prompt source. A damaged shard is
+not committed: it is named, and the run is not complete until a submit has made it again.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from catbatch.job.layout import OutputLayout
 from catbatch.job.lease import current_lease
 from catbatch.job.resume import Piece, lay_out
 from catbatch.job.verify import Pieces, check_pieces
+from catbatch.job.writer import record_format
 
 
 class StatusError(RuntimeError):
@@ -125,8 +126,9 @@ def output_status(url: str, verify: bool = False) -> OutputStatus:
         raise StatusError(f"{layout.display()} holds no catbatch run (no {layout.run_record})")
     failed_tasks: dict[str, str] = (record.get("summary") or {}).get("failed_tasks") or {}
     variants = {}
+    fmt = record_format(record)
     for variant in record.get("variants") or []:
-        found = check_pieces(layout, variant, deep=verify)
+        found = check_pieces(layout, variant, deep=verify, fmt=fmt)
         pieces, problems = planned_pieces(record, variant, found)
         v = VariantStatus(damaged_shards=dict(found.damaged), problems=problems)
         v.planned_shards = len(pieces)

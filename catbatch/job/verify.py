@@ -1,11 +1,13 @@
 """Committed shards checked against their stats before they are trusted, and damaged ones moved
 aside.
 
-A shard piece is committed when its ``.stats.json`` exists; the stats record the Parquet file's
-size (``parquet_bytes``), hash (``parquet_sha256``) and row count. :func:`check_pieces` compares
-each committed piece of a variant with its file: existence and size always (one listing, the
-stats from the commit digest, :mod:`catbatch.job.commits`), and with ``deep`` the sha256 and
-the Parquet footer (reads every file). :func:`move_aside` moves the
+A shard piece is committed when its ``.stats.json`` exists; the stats record its file's size
+(``parquet_bytes``), hash (``parquet_sha256``) and row count, in either shard format (Parquet or
+WebDataset tar, :class:`catbatch.job.writer.ShardFormat`). :func:`check_pieces` compares each
+committed piece of a variant with its file: existence and size always (one listing, the stats
+from the commit digest, :mod:`catbatch.job.commits`), and with ``deep`` the sha256 and the row
+count the file holds (the Parquet footer; the tar's members), which reads every file.
+:func:`move_aside` moves the
 files of damaged pieces to ``OUTPUT/damaged/<time>/<variant>/`` (never deletes them), so that
 the piece is pending again and the next submit makes it.
 """
@@ -17,11 +19,9 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
-from catbatch.job.commits import Commits, CommitStats, read_commits
+from catbatch.job.commits import STATS_SUFFIX, Commits, CommitStats, read_commits
 from catbatch.job.layout import FileEntry, OutputLayout
+from catbatch.job.writer import OUTPUT_FORMATS, PARQUET, ShardFormat, shard_format
 
 DAMAGED_DIR = "damaged"
 
@@ -36,8 +36,11 @@ class Pieces:
     commits: Commits = field(default_factory=Commits)  # the listing and stats they come from
 
 
-def check_pieces(layout: OutputLayout, variant: str, deep: bool = False) -> Pieces:
-    """Sort the variant's committed pieces into intact and damaged (with the reason)."""
+def check_pieces(
+    layout: OutputLayout, variant: str, deep: bool = False, fmt: ShardFormat = PARQUET
+) -> Pieces:
+    """Sort the variant's committed pieces (files of format ``fmt``) into intact and damaged
+    (with the reason)."""
     commits = read_commits(layout, variant)
     out = Pieces(commits=commits)
     for name in sorted(commits.stats):
@@ -45,7 +48,7 @@ def check_pieces(layout: OutputLayout, variant: str, deep: bool = False) -> Piec
         if stats is None:
             problem = "its stats file is unreadable"
         else:
-            problem = _file_problem(layout, variant, name, stats, commits.files, deep)
+            problem = _file_problem(layout, variant, name, stats, commits.files, deep, fmt)
         if problem is None:
             out.stats[name] = stats
         else:
@@ -61,37 +64,39 @@ def _file_problem(
     stats: CommitStats,
     files: dict[str, FileEntry],
     deep: bool,
+    fmt: ShardFormat,
 ) -> str | None:
-    entry = files.get(f"{name}.parquet")
+    entry = files.get(f"{name}{fmt.suffix}")
     if entry is None:
-        return "its Parquet file is missing"
+        return f"its {fmt.label} is missing"
     size = entry.size
     if size != stats.parquet_bytes:
-        return f"its Parquet file has {size} bytes, its stats say {stats.parquet_bytes}"
+        return f"its {fmt.label} has {size} bytes, its stats say {stats.parquet_bytes}"
     if not deep:
         return None
-    data = layout.read_bytes(layout.shard_parquet(variant, name))
+    data = layout.read_bytes(fmt.path(layout, variant, name))
     if data is None:
-        return "its Parquet file is missing"
+        return f"its {fmt.label} is missing"
     if hashlib.sha256(data).hexdigest() != stats.parquet_sha256:
-        return "its Parquet file's sha256 differs from its stats"
+        return f"its {fmt.label}'s sha256 differs from its stats"
     try:
-        rows = pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
-    except (pa.ArrowException, OSError) as e:
-        return f"its Parquet footer is unreadable ({e})"
+        rows = fmt.count_rows(data)
+    except ValueError as e:
+        return str(e)
     if rows != stats.rows:
-        return f"its Parquet file holds {rows} rows, its stats say {stats.rows}"
+        return f"its {fmt.label} holds {rows} rows, its stats say {stats.rows}"
     return None
 
 
 def move_aside(layout: OutputLayout, variant: str, names: list[str]) -> str:
-    """Move the files of pieces ``names`` (Parquet first, then stats) to a fresh folder under
-    ``OUTPUT/damaged/``; returns that folder."""
+    """Move the files of pieces ``names`` (the shard file of either format first, then stats) to
+    a fresh folder under ``OUTPUT/damaged/``; returns that folder."""
     stamp = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
     folder = layout.path(DAMAGED_DIR, stamp, variant)
     present = set(layout.list_names("variants", variant))
+    suffixes = [shard_format(f).suffix for f in OUTPUT_FORMATS]
     for name in names:
-        for file in (f"{name}.parquet", f"{name}.stats.json"):
+        for file in [*(f"{name}{s}" for s in suffixes), f"{name}{STATS_SUFFIX}"]:
             if file in present:
                 layout.move(layout.path("variants", variant, file), f"{folder}/{file}")
     return layout.display(folder)

@@ -56,7 +56,7 @@ from catbatch.job.prompts import Prompt
 from catbatch.job.seeds import image_generator, image_seed
 from catbatch.job.shardindex import read_piece
 from catbatch.job.sharding import Task
-from catbatch.job.writer import Row, ShardStats, write_shard
+from catbatch.job.writer import Row, ShardStats, shard_format, write_shard
 from catbatch.metrics import adherence
 from catbatch.metrics import rows as metrics
 from catbatch.metrics.clipscore import ClipScorer, ClipSetup, clip_setup
@@ -309,7 +309,7 @@ class Worker:
         start: float,
         started_at: float,
     ) -> ShardStats:
-        """The committer thread: the shard's rows in item order, its Parquet file, its commit."""
+        """The committer thread: the shard's rows in item order, its file, its commit."""
         task = run.task
         rows = in_item_order(run.rows(), items)
         self._check_owner(task)
@@ -329,6 +329,7 @@ class Worker:
             extra,
             started_at,
             before_commit=lambda: self.check_commit(task, layout),
+            fmt=shard_format(self.manifest.output_format),
         )
         if self.faults:
             self.faults.after_commit()

@@ -1,4 +1,13 @@
-"""Parquet shard files: the row schema, Hugging Face ``datasets`` metadata and the stats file."""
+"""Shard files: the row schema, Hugging Face ``datasets`` metadata, the stats file, and the
+shard formats (``output_format`` of the manifest).
+
+A shard piece is one file per variant, ``variants/<variant>/<piece><suffix>``, in one of two
+formats (:class:`ShardFormat`): Parquet (``.parquet``, one row per image, :data:`SCHEMA`) or
+WebDataset (``.tar``: ``<key>.png`` and ``<key>.json`` per image, :mod:`catbatch.job.tarshards`).
+Either is written whole, atomically (:meth:`OutputLayout.write_bytes`), then its stats file,
+the commit marker, which records the file's size and sha256 (``parquet_bytes`` and
+``parquet_sha256``, whatever the format: the names predate WebDataset output).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +17,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -158,7 +167,8 @@ class Row:
 
 @dataclass
 class ShardStats:
-    """The commit marker of a shard, written after its Parquet file is complete."""
+    """The commit marker of a shard, written after its file is complete (``parquet_bytes``,
+    ``parquet_sha256``: the file's size and sha256 in either format)."""
 
     variant: str
     shard: str
@@ -190,6 +200,100 @@ def rows_to_table(rows: list[Row]) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=SCHEMA)
 
 
+class ShardFormat:
+    """How a shard's rows are stored: the file's suffix, its bytes, and reading them back.
+
+    Every reader (resume, ``status``, ``report``, ``open_output``, the damaged-shard checks)
+    finds a piece's file by :meth:`path` and reads it by :meth:`read_table`."""
+
+    name = ""  # the manifest's output_format
+    suffix = ""  # of the shard files
+    label = ""  # what a message calls the file
+
+    def path(self, layout: OutputLayout, variant: str, shard: str) -> str:
+        return layout.path("variants", variant, f"{shard}{self.suffix}")
+
+    def encode(self, rows: list[Row]) -> bytes:
+        """The whole file holding ``rows``."""
+        raise NotImplementedError
+
+    def read(self, f: IO[bytes], columns: list[str] | None = None) -> pa.Table:
+        """The rows of an open file as a table of :data:`SCHEMA`'s columns (``columns`` only:
+        without ``image``, no image bytes are read where the format allows)."""
+        raise NotImplementedError
+
+    def columns(self, f: IO[bytes]) -> set[str]:
+        """The columns the file holds."""
+        raise NotImplementedError
+
+    def count_rows(self, data: bytes) -> int:
+        """The rows the file's bytes hold; raises ``ValueError`` naming what is unreadable."""
+        raise NotImplementedError
+
+    def read_table(
+        self, layout: OutputLayout, path: str, columns: list[str] | None = None
+    ) -> pa.Table:
+        """:meth:`read` of the file at ``path`` (storage errors retried)."""
+
+        def read() -> pa.Table:
+            with layout.fs.open(path, "rb") as f:
+                return self.read(f, columns)
+
+        return layout.retrying(f"reading {layout.display(path)}", read)
+
+    def read_columns(self, layout: OutputLayout, path: str) -> set[str]:
+        def read() -> set[str]:
+            with layout.fs.open(path, "rb") as f:
+                return self.columns(f)
+
+        return layout.retrying(f"reading the schema of {layout.display(path)}", read)
+
+
+class ParquetFormat(ShardFormat):
+    """One Parquet file per piece (zstd), with the ``datasets`` features metadata."""
+
+    name, suffix, label = "parquet", ".parquet", "Parquet file"
+
+    def encode(self, rows: list[Row]) -> bytes:
+        buf = io.BytesIO()
+        pq.write_table(rows_to_table(rows), buf, compression="zstd")
+        return buf.getvalue()
+
+    def read(self, f: IO[bytes], columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(f, columns=columns)
+
+    def columns(self, f: IO[bytes]) -> set[str]:
+        return set(pq.read_schema(f).names)
+
+    def count_rows(self, data: bytes) -> int:
+        try:
+            return pq.ParquetFile(pa.BufferReader(data)).metadata.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"its Parquet footer is unreadable ({e})") from None
+
+
+PARQUET = ParquetFormat()
+OUTPUT_FORMATS = ("parquet", "webdataset")
+
+
+def shard_format(name: str | None = "parquet") -> ShardFormat:
+    """The format of a manifest's ``output_format`` (None: Parquet, as before the field)."""
+    if name in (None, "parquet"):
+        return PARQUET
+    if name == "webdataset":
+        from catbatch.job.tarshards import WEBDATASET
+
+        return WEBDATASET
+    raise ValueError(f"unknown output format {name!r}; formats: {', '.join(OUTPUT_FORMATS)}")
+
+
+def record_format(record: dict[str, Any] | None) -> ShardFormat:
+    """The shard format of a run from its run record (runs made before ``output_format``
+    existed: Parquet)."""
+    manifest = (record or {}).get("manifest") or {}
+    return shard_format(manifest.get("output_format") if isinstance(manifest, dict) else None)
+
+
 def write_shard(
     layout: OutputLayout,
     variant: str,
@@ -201,15 +305,14 @@ def write_shard(
     extra: dict[str, Any] | None = None,
     started_at: float | None = None,
     before_commit: Callable[[], None] | None = None,
+    fmt: ShardFormat = PARQUET,
 ) -> ShardStats:
-    """Write the shard's Parquet file, then its stats file (the commit marker).
+    """Write the shard's file in format ``fmt``, then its stats file (the commit marker).
 
     ``before_commit`` runs right before the stats file is written and stops the commit by
     raising (the fence of :func:`catbatch.job.lease.check_generation`)."""
-    buf = io.BytesIO()
-    pq.write_table(rows_to_table(rows), buf, compression="zstd")
-    data = buf.getvalue()
-    layout.write_bytes(layout.shard_parquet(variant, shard), data)
+    data = fmt.encode(rows)
+    layout.write_bytes(fmt.path(layout, variant, shard), data)
     ok = sum(r.status == "ok" for r in rows)
     invalid = sum(r.status == "invalid" for r in rows)
     stats = ShardStats(

@@ -306,7 +306,7 @@ def completeness(run: RunData) -> tuple[dict[str, dict[str, Any]], list[str]]:
         if missing:
             notes.append(f"variant {name}: {len(committed)} of {n_planned} shards committed")
         for shard, why in vd.unreadable.items():
-            path = run.layout.display(run.layout.shard_parquet(name, shard))
+            path = run.layout.display(run.shard_path(name, shard))
             notes.append(f"variant {name}: skipped unreadable shard {path} ({why})")
         out[name] = {"shards_planned": n_planned, "shards_missing": missing}
     return out, notes
@@ -325,7 +325,7 @@ def build(run: RunData, opts: ReportOptions) -> Report:
         notes.append("no variant without pruning: no speed-up, MACs ratio or fidelity")
     aggs = {n: {**aggregate_variant(vd, opts), **shards[n]} for n, vd in run.variants.items()}
     grid = grid_rows(run, baseline, opts.pairs)
-    cache = ShardCache(run.layout)
+    cache = ShardCache(run.layout, fmt=run.fmt)
     for n, agg in aggs.items():
         if baseline is None:
             agg["vs_baseline"] = agg["fidelity"] = None
@@ -342,6 +342,7 @@ def build(run: RunData, opts: ReportOptions) -> Report:
         "report_version": REPORT_VERSION,
         "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "output": run.layout.display(),
+        "output_format": run.fmt.name,
         "run": {
             k: record.get(k)
             for k in (

@@ -1,7 +1,8 @@
 """Reading a run's output for a report: the run record, committed shards and their rows.
 
-Only committed shards (those with a ``.stats.json``) are read. Metric columns are read without
-the image column; images are read one shard at a time when fidelity needs them. A committed
+Only committed shards (those with a ``.stats.json``) are read, in the run's shard format
+(Parquet or WebDataset tars, from the run record). Metric columns are read without the image
+column; images are read one shard at a time when fidelity needs them. A committed
 shard that cannot be read (a truncated or missing file) is skipped and named in
 ``VariantData.unreadable``; storage that stays unreachable still raises.
 """
@@ -14,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from catbatch.job.layout import OutputLayout, StorageError
-from catbatch.job.writer import METRIC_COLUMNS, SCHEMA
+from catbatch.job.writer import METRIC_COLUMNS, PARQUET, SCHEMA, ShardFormat, record_format
 
 # Columns of the per-sample rows (all but the image); older outputs may lack the metric ones.
 BASE_COLUMNS = tuple(f.name for f in SCHEMA if f.name not in METRIC_COLUMNS and f.name != "image")
@@ -36,7 +36,7 @@ class VariantData:
     stats: dict[str, dict[str, Any]]  # shard name -> stats file content
     key_shard: dict[Key, str]  # where each row lives
     columns: set[str]
-    uncommitted: list[str] = field(default_factory=list)  # Parquet files without stats
+    uncommitted: list[str] = field(default_factory=list)  # shard files without stats
     unreadable: dict[str, str] = field(default_factory=dict)  # committed, skipped: shard -> why
     planned_settings: dict[str, Any] | None = None  # from the run record, for rowless variants
 
@@ -55,6 +55,10 @@ class RunData:
     layout: OutputLayout
     record: dict[str, Any] | None
     variants: dict[str, VariantData]
+    fmt: ShardFormat = PARQUET  # of the shard files
+
+    def shard_path(self, variant: str, shard: str) -> str:
+        return self.fmt.path(self.layout, variant, shard)
 
 
 def variant_names(layout: OutputLayout, record: dict[str, Any] | None) -> list[str]:
@@ -66,38 +70,22 @@ def variant_names(layout: OutputLayout, record: dict[str, Any] | None) -> list[s
     return names
 
 
-def _read_table(layout: OutputLayout, path: str, columns: list[str] | None) -> pa.Table:
-    def read() -> pa.Table:
-        with layout.fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
-
-    return layout.retrying(f"reading {layout.display(path)}", read)
-
-
-def shard_columns(layout: OutputLayout, path: str) -> set[str]:
-    def read() -> set[str]:
-        with layout.fs.open(path, "rb") as f:
-            return set(pq.read_schema(f).names)
-
-    return layout.retrying(f"reading the schema of {layout.display(path)}", read)
-
-
-def load_variant(layout: OutputLayout, name: str) -> VariantData:
+def load_variant(layout: OutputLayout, name: str, fmt: ShardFormat = PARQUET) -> VariantData:
     names = layout.list_names("variants", name)
     committed = sorted(n.removesuffix(".stats.json") for n in names if n.endswith(".stats.json"))
-    parquet = {n.removesuffix(".parquet") for n in names if n.endswith(".parquet")}
+    files = {n.removesuffix(fmt.suffix) for n in names if n.endswith(fmt.suffix)}
     rows: list[dict[str, Any]] = []
     stats: dict[str, dict[str, Any]] = {}
     key_shard: dict[Key, str] = {}
     columns: set[str] = set()
     unreadable: dict[str, str] = {}
     for shard in committed:
-        path = layout.shard_parquet(name, shard)
+        path = fmt.path(layout, name, shard)
         try:
             shard_stats = layout.read_json(layout.shard_stats(name, shard)) or {}
-            present = shard_columns(layout, path)
+            present = fmt.read_columns(layout, path)
             wanted = [c for c in (*BASE_COLUMNS, *METRIC_COLUMNS) if c in present]
-            table = _read_table(layout, path, wanted)
+            table = fmt.read_table(layout, path, wanted)
         except StorageError:
             raise
         except (OSError, ValueError, pa.ArrowException) as e:
@@ -112,23 +100,26 @@ def load_variant(layout: OutputLayout, name: str) -> VariantData:
             key_shard[(r["sample_id"], r["image_index"])] = shard
             rows.append(r)
     rows.sort(key=lambda r: (r["sample_id"], r["image_index"]))
-    uncommitted = sorted(parquet - set(committed))
+    uncommitted = sorted(files - set(committed))
     return VariantData(name, rows, stats, key_shard, columns, uncommitted, unreadable)
 
 
 def load_run(layout: OutputLayout) -> RunData:
     record = layout.read_json(layout.run_record)
-    variants = {n: load_variant(layout, n) for n in variant_names(layout, record)}
+    fmt = record_format(record)
+    variants = {n: load_variant(layout, n, fmt) for n in variant_names(layout, record)}
     planned = ((record or {}).get("fingerprint_inputs") or {}).get("variants") or {}
     for name, vd in variants.items():
         vd.planned_settings = planned.get(name)
-    return RunData(layout, record, variants)
+    return RunData(layout, record, variants, fmt)
 
 
-def shard_images(layout: OutputLayout, variant: str, shard: str) -> dict[Key, bytes]:
+def shard_images(
+    layout: OutputLayout, variant: str, shard: str, fmt: ShardFormat = PARQUET
+) -> dict[Key, bytes]:
     """PNG bytes of a shard's ok rows, by (sample_id, image_index)."""
-    table = _read_table(
-        layout, layout.shard_parquet(variant, shard), ["sample_id", "image_index", "image"]
+    table = fmt.read_table(
+        layout, fmt.path(layout, variant, shard), ["sample_id", "image_index", "image"]
     )
     out = {}
     for r in table.to_pylist():

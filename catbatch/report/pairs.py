@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from catbatch.job.layout import OutputLayout
+from catbatch.job.writer import PARQUET, ShardFormat
 from catbatch.metrics.fidelity import compare_images
 from catbatch.report.load import Key, RunData, VariantData, shard_images
 
@@ -39,14 +40,14 @@ class GridRow:
 class ShardCache:
     """PNG bytes of recently read shards (a few at a time, to bound memory)."""
 
-    def __init__(self, layout: OutputLayout, size: int = 3):
-        self.layout, self.size = layout, size
+    def __init__(self, layout: OutputLayout, size: int = 3, fmt: ShardFormat = PARQUET):
+        self.layout, self.size, self.fmt = layout, size, fmt
         self.cache: OrderedDict[tuple[str, str], dict[Key, bytes]] = OrderedDict()
 
     def get(self, variant: str, shard: str) -> dict[Key, bytes]:
         key = (variant, shard)
         if key not in self.cache:
-            self.cache[key] = shard_images(self.layout, variant, shard)
+            self.cache[key] = shard_images(self.layout, variant, shard, self.fmt)
             while len(self.cache) > self.size:
                 self.cache.popitem(last=False)
         self.cache.move_to_end(key)
