@@ -6,9 +6,9 @@
                  prompt_metadata and settings (JSON objects), seed, ..., status, error, metrics
 
 in row order, so that ``webdataset.WebDataset(url)`` yields one sample per image (``__key__``,
-``png``, ``json``). ``<key>`` is :func:`sample_key`: the sample id percent-encoded to letters,
-digits, ``-`` and ``_`` (WebDataset splits a name at its first ``.``; no ``/``), then ``_`` and
-the image index. Reading a tar back gives the rows of the Parquet format (:data:`SCHEMA`), the
+``png``, ``json``). ``<key>`` is :func:`sample_key`: the sample id percent-encoded (letters,
+digits, ``-``, ``_`` and ``%XX`` escapes: WebDataset splits a name at its first ``.``, and no
+``/``), then ``_`` and the image index. Reading a tar back gives the rows of the Parquet format (:data:`SCHEMA`), the
 JSON objects written back as the writer's JSON strings.
 """
 
