@@ -505,6 +505,10 @@ def shapes_main(args: argparse.Namespace) -> int:
         print(f"{name}: done", flush=True)
     print()
     print(shapes_table(rows))
+    if args.json:
+        data = {"setup": f"catbatch-shapes; {steps} steps; guidance {args.guidance}"}
+        data.update(captions=captions, rows=rows)
+        Path(args.json).write_text(json.dumps(data, indent=1, default=str))
     return 0
 
 
