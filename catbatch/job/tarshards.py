@@ -8,8 +8,8 @@
 in row order, so that ``webdataset.WebDataset(url)`` yields one sample per image (``__key__``,
 ``png``, ``json``). ``<key>`` is :func:`sample_key`: the sample id percent-encoded (letters,
 digits, ``-``, ``_`` and ``%XX`` escapes: WebDataset splits a name at its first ``.``, and no
-``/``), then ``_`` and the image index. Reading a tar back gives the rows of the Parquet format (:data:`SCHEMA`), the
-JSON objects written back as the writer's JSON strings.
+``/``), then ``_`` and the image index. Reading a tar back gives the rows of the Parquet
+format (:data:`SCHEMA`), the JSON objects written back as the writer's JSON strings.
 """
 
 from __future__ import annotations
