@@ -134,12 +134,16 @@ def test_rejected_credentials_fail_before_anything_starts(tmp_path, s3_server, m
     assert not fresh_fs().exists(url.removeprefix("s3://") + "/run.json")
 
 
-def test_outage_mid_run_retries_then_completes(tmp_path, s3_server, ray_cluster):
+def test_outage_mid_run_retries_then_completes(tmp_path, s3_server, ray_cluster, monkeypatch):
     """The S3 server stops after the first shard commits and comes back a few seconds later;
     the writes retry with backoff and the run completes with every image exactly once."""
     from catbatch.job.driver import plan, prepare_output, submit
     from catbatch.job.manifest import load_manifest
+    from catbatch.job.worker import FAULTS_ENV
 
+    # a second per batch: shards are still to be written when the server stops (without it
+    # the tiny model can commit all five before the test sees the first, and no write fails)
+    monkeypatch.setenv(FAULTS_ENV, json.dumps({"delay_s": 1.0}))
     url = s3_server.url(f"runs/{uuid.uuid4().hex[:8]}")
     m = load_manifest(job(tmp_path, url, PROMPTS, shard=1))
     p = plan(m)
