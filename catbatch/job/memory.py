@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from catbatch.job.manifest import Manifest
-from catbatch.models.families import Family
+from catbatch.models.families import Family, source_folder
 
 GB = 1e9
 
@@ -31,15 +31,9 @@ class CacheMemoryError(RuntimeError):
 def transformer_config(source: dict[str, Any]) -> dict[str, Any] | None:
     """The ``transformer/config.json`` of a model source (``describe_source``); None when the
     pipeline has none or it cannot be read."""
-    path = source.get("path")
-    if not path:
+    folder = source_folder(source)
+    if folder is None:
         return None
-    if source.get("kind") == "preset":
-        from catbatch.models import tiny
-
-        folder = tiny.ensure_preset_saved(path)
-    else:
-        folder = Path(path)
     try:
         config = json.loads((folder / "transformer" / "config.json").read_text())
     except (OSError, ValueError):

@@ -48,18 +48,25 @@ def family_of(pipeline: Any) -> Family | None:
     return PIPELINES.get(name)
 
 
-def source_family(source: dict[str, Any]) -> Family | None:
-    """The family of a model source from :func:`catbatch.models.loader.describe_source`, read
-    from its ``model_index.json`` (no weights loaded); None when unknown or unreadable."""
+def source_folder(source: dict[str, Any]) -> Path | None:
+    """The local folder of a model source from :func:`catbatch.models.loader.describe_source`
+    (a built-in preset is saved first); None for a source without one."""
     path = source.get("path")
     if not path:
         return None
     if source.get("kind") == "preset":
         from catbatch.models import tiny
 
-        folder = tiny.ensure_preset_saved(path)
-    else:
-        folder = Path(path)
+        return Path(tiny.ensure_preset_saved(path))
+    return Path(path)
+
+
+def source_family(source: dict[str, Any]) -> Family | None:
+    """The family of a model source from :func:`catbatch.models.loader.describe_source`, read
+    from its ``model_index.json`` (no weights loaded); None when unknown or unreadable."""
+    folder = source_folder(source)
+    if folder is None:
+        return None
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except (OSError, ValueError):
