@@ -312,3 +312,39 @@ def test_prompt_source_on_s3_is_indexed_and_read_by_byte_ranges(tmp_path, s3_ser
     assert load_index(layout, source, None, 8).build == index.build
     fs.pipe_file(f"{root}/prompts.txt", b"".join(b"prompt %d\n" % i for i in range(51)))
     assert load_index(layout, source, None, 8) is None
+
+
+def test_a_listing_of_several_pages_matches_ls(s3_server):
+    """2,201 objects (three pages of S3's 1,000): list_files reads them page by page, with the
+    entries s3fs's whole ``ls`` gives, keeps nothing in fsspec's listing cache, and finds a
+    missing folder or bucket empty, as ``ls`` does."""
+    from catbatch.job.layout import _remote_entry
+
+    layout = OutputLayout(s3_server.url(f"runs/{uuid.uuid4().hex[:8]}"))
+    folder = layout.path("variants", "v")
+    objects = {
+        f"{folder}/shard-{i:05d}.{ext}": b"x" * (i % 7)
+        for i in range(1100)
+        for ext in ("parquet", "stats.json")
+    }
+    layout.fs.pipe({**objects, f"{folder}/sub/f": b"in a subfolder"})
+    sent: list[str] = []
+    layout.fs.connect()
+    layout.fs.s3.meta.events.register(
+        "before-send.s3", lambda request, **_: sent.append(f"{request.method} {request.url}")
+    )
+    files = layout.list_files("variants", "v")
+    assert len(sent) == 3 and all(r.startswith("GET ") and "list-type=2" in r for r in sent), sent
+    assert folder not in layout.fs.dircache
+    whole = fresh_fs().ls(folder, detail=True)
+    expected = {
+        e["name"].rsplit("/", 1)[1]: _remote_entry(e) for e in whole if e["type"] != "directory"
+    }
+    assert files == expected and len(files) == 2200
+    assert files["shard-01099.parquet"].size == 1099 % 7 and files["shard-01099.parquet"].md5
+    stats = layout.list_files("variants", "v", suffix=".stats.json")
+    assert stats == {n: e for n, e in expected.items() if n.endswith(".stats.json")}
+    assert layout.list_files("variants", "missing") == {}
+    with pytest.raises(FileNotFoundError):
+        fresh_fs().ls("catbatch-no-such-bucket/run/variants")
+    assert OutputLayout("s3://catbatch-no-such-bucket/run").list_files("variants") == {}

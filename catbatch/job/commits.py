@@ -30,6 +30,7 @@ DIGEST_DIR = ("index", "commits")
 STATS_SUFFIX = ".stats.json"
 _COUNTS = ("rows", "images_ok", "images_failed", "images_invalid", "parquet_bytes")
 _HASHES = ("parquet_sha256", "content_hash")
+READ_BATCH = 1000  # stats files read at once (one fs.cat on object stores), then folded in
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +164,8 @@ def read_commits(
     layout: OutputLayout, variant: str, received: dict[str, Written] | None = None
 ) -> Commits:
     """List the variant's folder once and get each committed piece's stats from the digest,
-    from ``received`` (stats as an actor wrote them) or, failing both, from its file."""
+    from ``received`` (stats as an actor wrote them) or, failing both, from its file (read
+    :data:`READ_BATCH` at a time)."""
     files = layout.list_files("variants", variant)
     names = [n.removesuffix(STATS_SUFFIX) for n in files if n.endswith(STATS_SUFFIX)]
     digest = load_digest(layout, variant) if names else Digest()
@@ -179,9 +181,12 @@ def read_commits(
         if stats is None:
             unknown.append(name)
         out.stats[name] = stats
-    blobs = layout.read_bytes_many([layout.shard_stats(variant, n) for n in unknown])
-    for name in unknown:
-        out.stats[name] = parse_stats(blobs.get(layout.shard_stats(variant, name)))
+    for start in range(0, len(unknown), READ_BATCH):
+        batch = unknown[start : start + READ_BATCH]
+        blobs = layout.read_bytes_many([layout.shard_stats(variant, n) for n in batch])
+        for name in batch:
+            out.stats[name] = parse_stats(blobs.get(layout.shard_stats(variant, name)))
+        del blobs
     out.read = len(unknown)
     return out
 
@@ -283,13 +288,14 @@ def refresh(
         else:
             count(i, stats)
     del digest
-    for start in range(0, len(unknown), 1000):
-        batch = unknown[start : start + 1000]
+    for start in range(0, len(unknown), READ_BATCH):
+        batch = unknown[start : start + READ_BATCH]
         blobs = layout.read_bytes_many([layout.shard_stats(variant, names[i]) for i in batch])
         for i in batch:
             before = len(columns)
             count(i, parse_stats(blobs.get(layout.shard_stats(variant, names[i]))))
             new += len(columns) - before
+        del blobs  # one batch's bytes at a time
     if new or stored != len(columns):
         columns.write(layout, variant)
     return totals

@@ -80,7 +80,7 @@ def is_backend_error(error: BaseException) -> bool:
     return any(c.__module__.split(".")[0] in _BACKEND_MODULES for c in type(error).__mro__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileEntry:
     """A file as a listing shows it: ``version`` changes whenever the file is rewritten (local:
     modification time and inode; object stores: ETag or generation), ``md5`` is the content's
@@ -275,7 +275,8 @@ class OutputLayout:
 
     def list_files(self, *parts: str, suffix: str = "") -> dict[str, FileEntry]:
         """``{name: entry}`` of the files in a folder whose names end with ``suffix``, in one
-        (paginated) fresh listing; {} if none."""
+        (paginated) fresh listing; {} if none. On S3 the pages are reduced to entries as they
+        arrive: the store's own entries of one page at a time, not of the whole folder."""
         folder = self.path(*parts)
         if self.is_local:
             return _list_local(folder, suffix)
@@ -283,16 +284,17 @@ class OutputLayout:
         def ls() -> dict[str, FileEntry]:
             self.fs.invalidate_cache(folder)
             try:
+                if _pages_itself(self.fs):
+                    return fsspec.asyn.sync(self.fs.loop, _list_s3, self.fs, folder, suffix)
                 entries = self.fs.ls(folder, detail=True)
             except FileNotFoundError:
                 return {}
-            self.fs.invalidate_cache(folder)  # fsspec keeps listings: not 300k entries
-            names = (e["name"].rstrip("/").rsplit("/", 1)[1] for e in entries)
-            return {
-                name: _remote_entry(e)
-                for name, e in zip(names, entries, strict=True)
-                if e.get("type") != "directory" and name.endswith(suffix)
-            }
+            finally:
+                self.fs.invalidate_cache(folder)  # fsspec keeps listings: not 300k entries
+            out: dict[str, FileEntry] = {}
+            for e in entries:
+                _add_remote(out, e, suffix)
+            return out
 
         return self.retrying(f"listing {self.display(folder)}", ls)
 
@@ -372,6 +374,38 @@ def _remote_entry(e: dict[str, Any]) -> FileEntry:
     version = etag or e.get("generation") or e.get("mtime") or e.get("LastModified")
     md5 = etag if etag and len(etag) == 32 and "-" not in etag else None
     return FileEntry(int(e.get("size") or 0), None if version is None else str(version), md5)
+
+
+def _add_remote(out: dict[str, FileEntry], e: dict[str, Any], suffix: str) -> None:
+    """Add a listing's entry (a store's info dict) to ``out`` if it is a file named ``*suffix``."""
+    name = e["name"].rstrip("/").rsplit("/", 1)[1]
+    if e.get("type") != "directory" and name.endswith(suffix):
+        out[name] = _remote_entry(e)
+
+
+def _pages_itself(fs: Any) -> bool:
+    """Whether ``fs`` is s3fs (or one like it): an async ``_iterdir`` that yields a folder's
+    entries page by page, without keeping them (``ls`` holds them all, then caches them)."""
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    return "s3" in protocols and callable(getattr(fs, "_iterdir", None))
+
+
+async def _list_s3(fs: Any, folder: str, suffix: str) -> dict[str, FileEntry]:
+    """:meth:`OutputLayout.list_files` on S3, in s3fs's event loop: each entry is reduced as its
+    page arrives (s3fs's ``_lsdir``, which ``ls`` calls, keeps the whole folder's)."""
+    bucket, key, _ = fs.split_path(folder)
+    prefix = key.strip("/") + "/" if key.strip("/") else ""
+    out: dict[str, FileEntry] = {}
+    try:
+        async for entry in fs._iterdir(bucket, delimiter="/", prefix=prefix):
+            _add_remote(out, entry, suffix)
+    except Exception as e:
+        if not any(c.__name__ == "ClientError" for c in type(e).__mro__):
+            raise
+        from s3fs.errors import translate_boto_error  # as s3fs's ls raises it
+
+        raise translate_boto_error(e)  # noqa: B904 - it sets the cause where it translates
+    return out
 
 
 def _write_local_tmp(path: str, data: bytes) -> str:
