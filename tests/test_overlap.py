@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from test_clipscore import write_tiny_clip
 
+from catbatch.job import worker as worker_module
 from catbatch.job.distributor import _Turns
 from catbatch.job.driver import plan
 from catbatch.job.layout import OutputLayout
@@ -25,7 +26,7 @@ from catbatch.job.manifest import load_manifest
 from catbatch.job.overlap import BoundedPool
 from catbatch.job.seeds import image_generator
 from catbatch.job.shardindex import read_piece
-from catbatch.job.worker import Worker, encode_png
+from catbatch.job.worker import PIPELINE_THREAD, Worker, encode_png
 
 PROMPTS = ["a red fox", "a blue boat", "a green tree", "a yellow house", "a black cat"]
 
@@ -178,6 +179,39 @@ def test_start_task_returns_before_the_commit_which_follows_the_complete_parquet
     assert seen == [(task.shard.name, True)]
     assert json.loads((folder / f"{task.shard.name}.stats.json").read_text())["rows"] == 2
     assert stats.images_ok == 2
+
+
+def test_every_pipeline_call_runs_on_the_one_pipeline_thread(batch1, monkeypatch):
+    """Tasks started from different threads (as Ray's threads of an actor start them) make
+    their pipeline calls on the worker's pipeline thread; an error there reaches the caller."""
+    worker, p = batch1
+    threads: list[str] = []
+    real = Worker._call_pipeline
+
+    def call(self, *args):
+        threads.append(threading.current_thread().name)
+        return real(self, *args)
+
+    monkeypatch.setattr(Worker, "_call_pipeline", call)
+    callers = [threading.Thread(target=worker.run_task, args=(t, p.layout)) for t in p.pending]
+    for c in callers:
+        c.start()
+        c.join()
+    assert len(threads) == sum(len(read_piece(t.shard)) for t in p.pending)
+    assert len(set(threads)) == 1 and threads[0].startswith(PIPELINE_THREAD)
+    monkeypatch.setattr(Worker, "_start_task", lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        worker.start_task(p.pending[0], p.layout)
+
+
+def test_the_pools_one_time_costs_are_paid_when_the_worker_starts(batch1, monkeypatch):
+    """Tokenizer copies exist before the first batch; none is made between calls."""
+    worker, p = batch1
+    assert set(worker._prompt_limits) == {s.max_sequence_length for s in worker.variants.values()}
+    made = []
+    monkeypatch.setattr(worker_module.metrics, "prompt_limits", lambda *a: made.append(a))
+    worker.run_task(p.pending[0], p.layout)
+    assert made == []
 
 
 def test_bounded_pool_makes_the_submitter_wait_at_its_limit():

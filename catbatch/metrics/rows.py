@@ -181,15 +181,25 @@ class MacsCounter:
         with counter.recording():
             pipe(...)
         macs = counter.per_image(batch_size, pruning_config)
+
+    ``recording(batch_size, pruning)`` counts the step costs inside the call, at its first
+    transformer forward, instead of in :meth:`per_image` after it (for a warm-up call, whose
+    time is not reported: the counting then adds no gap between later calls).
     """
 
     def __init__(self, transformer: torch.nn.Module):
         self.transformer = transformer
         self._signature = inspect.signature(type(transformer).forward)
         self._meta: torch.nn.Module | None = None
-        self._cache: dict[str, Macs] = {}
+        self._costs: dict[str, StepCosts] = {}
+        self._count_now: tuple[int, CATConfig | None] | None = None
         self.calls = 0
         self.first_inputs: dict[str, Any] | None = None
+
+    def prepare(self) -> None:
+        """Build the meta-device copy the counting runs on (else made at the first count)."""
+        if self._meta is None:
+            self._meta = meta_copy(self.transformer)
 
     def _pre_hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         self.calls += 1
@@ -198,16 +208,45 @@ class MacsCounter:
             self.first_inputs = {  # shapes only: no reference to the real tensors is kept
                 k: _per_image(v, -1, -1) for k, v in bound.arguments.items() if k in _STEP_ARGS
             }
+            if self._count_now is not None:
+                self._step_costs(*self._count_now)
 
     @contextmanager
-    def recording(self) -> Iterator[MacsCounter]:
-        """Record the transformer calls of one pipeline call (their number and first inputs)."""
+    def recording(
+        self, batch_size: int | None = None, pruning: CATConfig | None = None
+    ) -> Iterator[MacsCounter]:
+        """Record the transformer calls of one pipeline call (their number and first inputs);
+        with ``batch_size``, count the step costs of ``pruning`` during the call."""
         self.calls, self.first_inputs = 0, None
+        self._count_now = None if batch_size is None else (batch_size, pruning)
         handle = self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         try:
             yield self
         finally:
             handle.remove()
+            self._count_now = None
+
+    def _step_costs(
+        self, batch_size: int, pruning: CATConfig | None
+    ) -> tuple[StepCosts, bool] | None:
+        """The recorded call's per-image step costs (counted once per distinct key) and whether
+        its rows are shared evenly (an odd layout: not one row block per image)."""
+        if self.first_inputs is None:
+            return None
+        hidden = self.first_inputs["hidden_states"]
+        rows = hidden.shape[0]
+        per_image = rows // batch_size if rows % batch_size == 0 else rows
+        inputs = {
+            k: v if k in _UNBATCHED else _per_image(v, rows, per_image)
+            for k, v in self.first_inputs.items()
+        }
+        shared = per_image == rows and batch_size > 1  # odd layout: share the rows evenly
+        config = None if pruning is None else pruning.to_dict()
+        key = json.dumps([_signature(inputs), config], default=str)
+        if key not in self._costs:
+            self.prepare()
+            self._costs[key] = step_costs(self._meta, inputs, pruning)
+        return self._costs[key], shared
 
     def per_image(
         self,
@@ -221,25 +260,10 @@ class MacsCounter:
         """
         if self.first_inputs is None or not self.calls:
             return None
-        hidden = self.first_inputs["hidden_states"]
-        rows = hidden.shape[0]
-        per_image = rows // batch_size if rows % batch_size == 0 else rows
+        costs, shared = self._step_costs(batch_size, pruning)
         full, pruned = steps if steps is not None else schedule(self.calls, pruning)
-        inputs = {
-            k: v if k in _UNBATCHED else _per_image(v, rows, per_image)
-            for k, v in self.first_inputs.items()
-        }
-        shared = per_image == rows and batch_size > 1  # odd layout: share the rows evenly
-        config = None if pruning is None else pruning.to_dict()
-        key = json.dumps(
-            [_signature(inputs), full, pruned, config, batch_size if shared else 1], default=str
-        )
-        if key not in self._cache:
-            if self._meta is None:
-                self._meta = meta_copy(self.transformer)
-            macs = generation_macs(self._meta, inputs, full, pruned, pruning)
-            self._cache[key] = macs * (1.0 / batch_size) if shared else macs
-        return self._cache[key]
+        macs = costs.generation(full, pruned)
+        return macs * (1.0 / batch_size) if shared else macs
 
 
 # -- phase timings ------------------------------------------------------------------------------
