@@ -18,13 +18,11 @@ from catbatch.metrics import rows as metrics
 from catbatch.pruning import CATConfig
 
 
-def run_bare_generation(
-    model, counter, batch: int, steps: int, text: int, cfg: bool = True, count: tuple = ()
-):
+def run_bare_generation(model, counter, batch: int, steps: int, text: int, cfg: bool = True):
     rows = 2 * batch if cfg else batch
     x = torch.randn(rows, 16, 16, 16)
     ehs, pooled = torch.randn(rows, text, 24), torch.randn(rows, 20)
-    with counter.recording(*count), torch.no_grad():
+    with counter.recording(), torch.no_grad():
         for t in torch.linspace(900, 100, steps):
             model(x, ehs, pooled, t.expand(rows))
 
@@ -78,20 +76,21 @@ def test_count_is_per_image_and_cached(tiny_sd3, monkeypatch):
 
 
 @pytest.mark.parametrize("alpha", [None, 0.3])
-def test_a_recording_given_the_batch_counts_during_the_call(tiny_sd3, monkeypatch, alpha):
+def test_count_after_the_call_fills_the_cache_per_image_reads(tiny_sd3, monkeypatch, alpha):
     pruning = None if alpha is None else CATConfig(alpha=alpha)
     after = metrics.MacsCounter(tiny_sd3)
     run_bare_generation(tiny_sd3, after, batch=2, steps=10, text=7)
     expected = after.per_image(2, pruning)
-    during = metrics.MacsCounter(tiny_sd3)
+    counted = metrics.MacsCounter(tiny_sd3)
     calls = []
     real = metrics.step_costs
     monkeypatch.setattr(metrics, "step_costs", lambda *a, **k: calls.append(1) or real(*a, **k))
-    run_bare_generation(tiny_sd3, during, batch=2, steps=10, text=7, count=(2, pruning))
-    assert calls == [1]  # counted inside the call, at its first transformer forward
-    assert during.per_image(2, pruning) == expected and calls == [1]  # after it: cached
-    run_bare_generation(tiny_sd3, during, batch=2, steps=10, text=7)
-    assert during.per_image(2, pruning) == expected and calls == [1]
+    run_bare_generation(tiny_sd3, counted, batch=2, steps=10, text=7)
+    counted.count(2, pruning)
+    assert calls == [1]
+    assert counted.per_image(2, pruning) == expected and calls == [1]  # cached
+    run_bare_generation(tiny_sd3, counted, batch=2, steps=10, text=7)
+    assert counted.per_image(2, pruning) == expected and calls == [1]
 
 
 def test_schedule_follows_the_cat_timeline():

@@ -495,13 +495,13 @@ class Worker:
         self._configure_pruning(settings.pruning)
         if self.faults:
             self.faults.before_batch(batch)
-        recording = nullcontext()
-        if self.macs_counter is not None:  # the warm-up call counts its MACs while it runs
-            count = () if self.warmed_up else (len(batch), _cat_config(settings))
-            recording = self.macs_counter.recording(*count)
+        counter = self.macs_counter
+        recording = counter.recording() if counter else nullcontext()
         start, wall = time.perf_counter(), time.time()
         with recording, metrics.PhaseTimer(self.pipe, self._sync) as timer:
             out = self._call_pipeline(batch, settings)
+        if counter is not None and not self.warmed_up:
+            self._count_macs(counter, len(batch), settings)  # in the warm-up call's time
         seconds = time.perf_counter() - start
         self.last_timing = {"pipeline": seconds, **timer.seconds}
         self.last_call = {"call_start": round(wall, 4), "call_s": round(seconds, 4)}
@@ -680,6 +680,14 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - counting never fails an image
             self._note(f"MACs not counted ({type(e).__name__}: {e})")
             return None
+
+    def _count_macs(
+        self, counter: metrics.MacsCounter, batch_size: int, settings: Sampling
+    ) -> None:
+        try:
+            counter.count(batch_size, _cat_config(settings))
+        except Exception as e:  # noqa: BLE001 - counting never fails an image
+            self._note(f"MACs not counted ({type(e).__name__}: {e})")
 
     def _limits(self, settings: Sampling) -> list[tuple[Any, int]]:
         """Each text encoder's tokenizer (a copy, made once, when the worker starts) and token

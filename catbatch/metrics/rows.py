@@ -182,9 +182,8 @@ class MacsCounter:
             pipe(...)
         macs = counter.per_image(batch_size, pruning_config)
 
-    ``recording(batch_size, pruning)`` counts the step costs inside the call, at its first
-    transformer forward, instead of in :meth:`per_image` after it (for a warm-up call, whose
-    time is not reported: the counting then adds no gap between later calls).
+    :meth:`count` right after a call counts its step costs ahead of :meth:`per_image` (the
+    worker does it inside its warm-up call's time, so no count runs between later calls).
     """
 
     def __init__(self, transformer: torch.nn.Module):
@@ -192,7 +191,6 @@ class MacsCounter:
         self._signature = inspect.signature(type(transformer).forward)
         self._meta: torch.nn.Module | None = None
         self._costs: dict[str, StepCosts] = {}
-        self._count_now: tuple[int, CATConfig | None] | None = None
         self.calls = 0
         self.first_inputs: dict[str, Any] | None = None
 
@@ -208,23 +206,21 @@ class MacsCounter:
             self.first_inputs = {  # shapes only: no reference to the real tensors is kept
                 k: _per_image(v, -1, -1) for k, v in bound.arguments.items() if k in _STEP_ARGS
             }
-            if self._count_now is not None:
-                self._step_costs(*self._count_now)
 
     @contextmanager
-    def recording(
-        self, batch_size: int | None = None, pruning: CATConfig | None = None
-    ) -> Iterator[MacsCounter]:
-        """Record the transformer calls of one pipeline call (their number and first inputs);
-        with ``batch_size``, count the step costs of ``pruning`` during the call."""
+    def recording(self) -> Iterator[MacsCounter]:
+        """Record the transformer calls of one pipeline call (their number and first inputs)."""
         self.calls, self.first_inputs = 0, None
-        self._count_now = None if batch_size is None else (batch_size, pruning)
         handle = self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
         try:
             yield self
         finally:
             handle.remove()
-            self._count_now = None
+
+    def count(self, batch_size: int, pruning: CATConfig | None) -> None:
+        """Count the recorded call's step costs now (cached; :meth:`per_image` then only adds
+        them up)."""
+        self._step_costs(batch_size, pruning)
 
     def _step_costs(
         self, batch_size: int, pruning: CATConfig | None
