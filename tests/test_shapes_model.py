@@ -22,10 +22,12 @@ from catbatch.shapes.checker import check, summary
 from catbatch.shapes.evaluate import generate, heldout_captions, load
 from catbatch.shapes.scenes import dataset
 
-# Regression guard for the shipped initial weights (376 CPU steps; they get the background
-# right but do not draw the shapes yet): on these 4 captions at 10 steps they measured the right
-# background in 4 of 4 (chance is 1/3) and adherence 0. Pin adherence here once weights draw.
-BACKGROUND_FLOOR = 0.75
+# The shipped weights (4425 steps, stop 25) on the first 8 held-out captions (seeds 1000+i) at
+# 10 steps, measured on the 2-core CPU box: adherence 0.765 (13 of 17 facts; shape 0.647,
+# colour and position 0.824), background 8 of 8, 0.125 unstated shapes per caption. Pinned with
+# a margin of one fact. (The 376-step weights before them: adherence 0 on 4 captions.)
+ADHERENCE_FLOOR = 0.70
+BACKGROUND_FLOOR = 0.95
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +79,12 @@ def test_cat_at_alpha_0_3_counts_at_least_1_7x_fewer_macs(shapes_pipe):
 
 
 def test_shipped_pipeline_generates_images_that_follow_the_captions(shapes_pipe):
-    captions = heldout_captions(4)
+    captions = heldout_captions(8)
     images = generate(shapes_pipe, captions, steps=10)
-    assert images.shape == (4, 128, 128, 3) and images.std() > 10
+    assert images.shape == (8, 128, 128, 3) and images.std() > 10
     rates = summary([check(im, c) for im, c in zip(images, captions, strict=True)])
     assert rates["background"] >= BACKGROUND_FLOOR, rates
+    assert rates["adherence"] >= ADHERENCE_FLOOR, rates
 
     state = apply_cat(shapes_pipe, CATConfig(alpha=0.3))
     try:
