@@ -86,14 +86,18 @@ def test_shipped_pipeline_generates_images_that_follow_the_captions(shapes_pipe)
     assert rates["background"] >= BACKGROUND_FLOOR, rates
     assert rates["adherence"] >= ADHERENCE_FLOOR, rates
 
+    # CAT at the demo's 28 steps (at 10 its few full steps let a drawn scene drift: 9 dB on the
+    # second caption): measured 33.1 and 28.6 dB against unpruned, mean |difference| 5.4 levels
+    unpruned = generate(shapes_pipe, captions[:2], steps=28)
     state = apply_cat(shapes_pipe, CATConfig(alpha=0.3))
     try:
-        pruned = generate(shapes_pipe, captions[:2], steps=10)
+        pruned = generate(shapes_pipe, captions[:2], steps=28)
     finally:
         remove_cat(shapes_pipe)
     assert state.pruned_steps > 0
-    unpruned = images[:2]
-    assert np.abs(pruned.astype(int) - unpruned).mean() < 40
+    diff = pruned.astype(float) - unpruned
+    psnr = 10 * np.log10(255**2 / (diff**2).reshape(2, -1).mean(1))
+    assert psnr.min() >= 25 and np.abs(diff).mean() < 12, (psnr, np.abs(diff).mean())
 
 
 def test_shipped_clip_prefers_the_true_caption():
