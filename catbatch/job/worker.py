@@ -216,7 +216,10 @@ class Worker:
         self.faults = InjectedFaults.from_env()
         self.batch_started: float | None = None  # monotonic start of the running batch
         # beside the pipeline: batches' images to rows, and shards' Parquet files and commits
-        self._pipeline_thread = ThreadPoolExecutor(1, thread_name_prefix=PIPELINE_THREAD)
+        self._pipeline_ident: int | None = None  # set by the pipeline thread when it starts
+        self._pipeline_thread = ThreadPoolExecutor(
+            1, thread_name_prefix=PIPELINE_THREAD, initializer=self._mark_pipeline_thread
+        )
         self.pool = BoundedPool(POOL_THREADS, POOL_BATCHES, "catbatch-rows")
         self.committer = BoundedPool(1, SHARDS_WRITING, "catbatch-commit")
         self._lock = threading.Lock()  # events and notes come from every thread
@@ -315,9 +318,12 @@ class Worker:
 
     def _on_pipeline_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on the pipeline thread (waits for it; raises what it raised)."""
-        if threading.current_thread().name.startswith(PIPELINE_THREAD):
+        if threading.get_ident() == self._pipeline_ident:  # already on it (this worker's)
             return fn(*args)
         return self._pipeline_thread.submit(fn, *args).result()
+
+    def _mark_pipeline_thread(self) -> None:
+        self._pipeline_ident = threading.get_ident()
 
     def _make_items(self, items: list[Item], run: _TaskRun, batch_prefix: str) -> None:
         """The rows of the items whose prompt cannot be made (``invalid``), then the pipeline

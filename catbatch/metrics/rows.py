@@ -111,7 +111,6 @@ def step_costs(
     model: torch.nn.Module,
     inputs: dict[str, Any],
     pruning: CATConfig | None,
-    with_pruned: bool = True,
 ) -> StepCosts:
     """Count one full step and, with ``pruning``, one pruned step at ``K`` tokens.
 
@@ -123,8 +122,6 @@ def step_costs(
         return StepCosts(full, full, None)
     pixart = is_pixart(model)
     later_full = step_macs(model, inputs, None, text_kv_cached=True) if pixart else full
-    if not with_pruned:
-        return StepCosts(full, later_full, None)
     from catbatch.pruning.engine import family_of
 
     hidden = inputs["hidden_states"]
@@ -132,21 +129,6 @@ def step_costs(
     idx = torch.arange(pruning.num_selected(n_tokens), device=hidden.device)
     pruned = step_macs(model, inputs, idx, text_kv_cached=pixart, stream=pruning.stream)
     return StepCosts(full, later_full, pruned)
-
-
-def generation_macs(
-    model: torch.nn.Module,
-    inputs: dict[str, Any],
-    full_steps: int,
-    pruned_steps: int,
-    pruning: CATConfig | None,
-) -> Macs:
-    """MACs of a generation: ``full_steps`` full then ``pruned_steps`` at ``K`` tokens.
-
-    ``inputs`` hold the rows of one image (2 with CFG), on the meta device for real sizes.
-    """
-    costs = step_costs(model, inputs, pruning, with_pruned=pruned_steps > 0)
-    return costs.generation(full_steps, pruned_steps)
 
 
 # -- recording what the pipeline fed the transformer -------------------------------------------
