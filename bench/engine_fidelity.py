@@ -29,7 +29,12 @@ embedded guidance 3.5 (no CFG: one row per image); latents are compared unpacked
 ``--shapes`` measures on a model with real (trained) weights: the shipped ``catbatch-shapes``
 pipeline on held-out captions of its domain. Per variant (every strategy at ``--alpha``, and
 ``cat`` at alphas 0.1-0.7): the shapes checker's prompt adherence, the CLIP score with the
-shipped ``catbatch-shapes-clip``, and image PSNR / SSIM against the unpruned images.
+shipped ``catbatch-shapes-clip``, and image PSNR / SSIM against the unpruned images. The work
+goes in chunks of 40 captions over ``--workers`` processes; ``--save-dir DIR`` keeps each finished
+chunk, so a stopped run (500 captions x 10 variants is hours of CPU) resumes where it stopped:
+
+    python -m bench.engine_fidelity --shapes --prompts 500 --save-dir out/shapes-500
+    python -m bench.engine_fidelity --shapes --variants cat sequential   # these and unpruned
 """
 
 from __future__ import annotations
@@ -293,6 +298,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--shapes", action="store_true", help="the trained catbatch-shapes model")
     parser.add_argument("--guidance", type=float, default=7.0, help="--shapes only")
     parser.add_argument("--workers", type=int, default=2, help="--shapes: processes")
+    parser.add_argument(
+        "--save-dir",
+        help="--shapes: keep each finished chunk of images here; a rerun computes only the rest",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="NAME",
+        help="--shapes: only these variants (with the unpruned reference), e.g. cat sequential "
+        "'cat a=0.5'",
+    )
     args = parser.parse_args(argv)
     if args.merge:
         return merge_main(args.merge)
@@ -413,8 +429,11 @@ def merge_main(paths: Sequence[str]) -> int:
 SHAPES_SWEEP = (0.1, 0.2, 0.3, 0.5, 0.7)
 
 
+CHUNK = 40  # captions per job: a multiple of the batch (8), so chunks batch as one run would
+
+
 def _shapes_job(job: tuple[str | None, float, list[str], int, float]) -> tuple[Any, float, int]:
-    """One variant on the shipped model in its own process: ``(uint8 images, s / prompt,
+    """One variant on a chunk of captions in its own process: ``(uint8 images, seconds,
     pruned steps)``; ``strategy=None`` is the unpruned run."""
     from catbatch.shapes.evaluate import generate, load
 
@@ -424,8 +443,50 @@ def _shapes_job(job: tuple[str | None, float, list[str], int, float]) -> tuple[A
     state = apply_cat(pipe, CATConfig(alpha=alpha, strategy=strategy)) if strategy else None
     start = time.perf_counter()
     images = generate(pipe, captions, steps=steps, guidance=guidance)
-    seconds = (time.perf_counter() - start) / len(captions)
-    return images, seconds, state.pruned_steps if state else 0
+    return images, time.perf_counter() - start, state.pruned_steps if state else 0
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "-").replace("=", "")
+
+
+class ShapesStore:
+    """Finished chunks of a ``--shapes`` run in a folder: ``<variant>/<first caption>.npz``
+    (images, seconds, pruned steps) under a ``setup.json`` naming what they were made with, so a
+    stopped run resumes where it stopped and a changed setup never mixes with an old one."""
+
+    def __init__(self, folder: Path, setup: dict[str, Any]) -> None:
+        self.folder = folder
+        marker = folder / "setup.json"
+        if marker.exists() and json.loads(marker.read_text()) != setup:
+            raise SystemExit(
+                f"{folder} holds a run of another setup ({marker}); pass another --save-dir "
+                "or delete it"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(setup, indent=1))
+
+    def path(self, variant: str, first: int) -> Path:
+        return self.folder / _slug(variant) / f"{first:06d}.npz"
+
+    def load(self, variant: str, first: int) -> tuple[Any, float, int] | None:
+        import numpy as np
+
+        path = self.path(variant, first)
+        if not path.exists():
+            return None
+        with np.load(path) as data:
+            return data["images"], float(data["seconds"]), int(data["pruned"])
+
+    def save(self, variant: str, first: int, result: tuple[Any, float, int]) -> None:
+        import numpy as np
+
+        path = self.path(variant, first)
+        path.parent.mkdir(exist_ok=True)
+        images, seconds, pruned = result
+        partial = path.with_suffix(".part.npz")
+        np.savez_compressed(partial, images=images, seconds=seconds, pruned=pruned)
+        partial.replace(path)  # a chunk is there whole or not at all
 
 
 def shapes_table(rows: list[dict[str, Any]]) -> str:
@@ -458,20 +519,29 @@ def shapes_table(rows: list[dict[str, Any]]) -> str:
 
 
 def shapes_main(args: argparse.Namespace) -> int:
-    """Every strategy at ``args.alpha`` and a ``cat`` alpha sweep on the shipped model."""
-    from concurrent.futures import ProcessPoolExecutor
+    """Every strategy at ``args.alpha`` and a ``cat`` alpha sweep on the shipped model, in
+    chunks of :data:`CHUNK` captions over ``args.workers`` processes; with ``--save-dir`` each
+    finished chunk is kept and a rerun computes only what is missing."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    from catbatch.metrics.clipscore import ClipScorer, clip_setup
-    from catbatch.shapes.checker import check, summary
+    import numpy as np
+
+    from catbatch.models.tiny import PRESET_VERSION
     from catbatch.shapes.evaluate import heldout_captions
+    from catbatch.shapes.model import IMAGE_SIZE, image_tokens
 
     captions = heldout_captions(args.prompts)
     steps = args.steps
     variants: list[tuple[str, str | None, float]] = [("unpruned", None, 1.0)]
     variants += [(s, s, args.alpha) for s in args.strategies]
     variants += [(f"cat a={a}", "cat", a) for a in SHAPES_SWEEP if a != args.alpha]
-    from catbatch.shapes.model import IMAGE_SIZE, image_tokens
-
+    if args.variants:
+        known = {name for name, _, _ in variants}
+        unknown = sorted(set(args.variants) - known)
+        if unknown:
+            raise SystemExit(f"--variants: unknown {unknown}; known: {sorted(known)}")
+        by_name = {v[0]: v for v in variants}  # in the order asked for, after the reference
+        variants = [variants[0]] + [by_name[n] for n in args.variants if n != "unpruned"]
     print(
         f"catbatch-shapes (trained SD3 architecture, {IMAGE_SIZE}x{IMAGE_SIZE}, "
         f"{image_tokens()} image tokens + 33 text tokens); {len(captions)} held-out captions, "
@@ -479,13 +549,47 @@ def shapes_main(args: argparse.Namespace) -> int:
         f"{args.workers} worker processes x 1 thread",
         flush=True,
     )
-    jobs = [(strategy, alpha, captions, steps, args.guidance) for _, strategy, alpha in variants]
+    store = None
+    if args.save_dir:
+        setup = {"preset": PRESET_VERSION, "torch": torch.__version__, "steps": steps}
+        setup.update(guidance=args.guidance, chunk=CHUNK, captions=captions)
+        store = ShapesStore(Path(args.save_dir), setup)
+    firsts = range(0, len(captions), CHUNK)
+    done: dict[tuple[str, int], tuple[Any, float, int]] = {}
+    todo = []
+    for name, strategy, alpha in variants:
+        for first in firsts:
+            kept = store.load(name, first) if store else None
+            if kept is not None:
+                done[name, first] = kept
+            else:
+                chunk = captions[first : first + CHUNK]
+                todo.append(((name, first), (strategy, alpha, chunk, steps, args.guidance)))
+    total = len(variants) * len(firsts)
+    print(f"{total - len(todo)} of {total} chunks kept in {args.save_dir}", flush=True)
     with ProcessPoolExecutor(args.workers) as pool:
-        results = list(pool.map(_shapes_job, jobs))
+        futures = {pool.submit(_shapes_job, job): key for key, job in todo}
+        for future in as_completed(futures):
+            key = futures[future]
+            done[key] = future.result()
+            if store:
+                store.save(*key, done[key])
+            print(f"{key[0]} captions {key[1]}+: {done[key][1]:.0f} s", flush=True)
+
+    from catbatch.metrics.clipscore import ClipScorer, clip_setup
+    from catbatch.shapes.checker import check, summary
+
+    def joined(name: str) -> tuple[Any, float, int]:
+        parts = [done[name, first] for first in firsts]
+        images = np.concatenate([p[0] for p in parts])
+        seconds = sum(p[1] for p in parts) / len(captions)
+        return images, seconds, min(p[2] for p in parts)
+
     scorer = ClipScorer(clip_setup("catbatch-shapes-clip"))
-    reference = results[0][0]
+    reference = joined("unpruned")[0]
     rows = []
-    for (name, strategy, alpha), (images, seconds, pruned) in zip(variants, results, strict=True):
+    for name, strategy, alpha in variants:
+        images, seconds, pruned = joined(name)
         if strategy and pruned == 0:
             raise RuntimeError(f"{name}: no pruned step ran")
         psnr = [min(p, 100.0) for p in psnr_batch(images, reference)]
@@ -502,7 +606,6 @@ def shapes_main(args: argparse.Namespace) -> int:
                 "seconds": seconds,
             }
         )
-        print(f"{name}: done", flush=True)
     print()
     print(shapes_table(rows))
     if args.json:

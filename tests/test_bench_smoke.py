@@ -54,6 +54,28 @@ def test_shapes_table_counts_unstated_shapes_per_caption():
     assert cat[2] == "33.3" and cat[6] == "2.00" and cat[8:10] == ["41.00", "0.9500"]
 
 
+def test_shapes_store_keeps_whole_chunks_and_refuses_another_setup(tmp_path):
+    """A stopped --shapes run resumes from the chunks it kept; a kept chunk reads back as it
+    was written; a folder made with another setup is not mixed in."""
+    import numpy as np
+
+    setup = {"preset": 4, "steps": 28, "captions": ["a red square"]}
+    store = engine_fidelity.ShapesStore(tmp_path / "run", setup)
+    images = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)
+    assert store.load("cat a=0.5", 40) is None
+    store.save("cat a=0.5", 40, (images, 12.5, 3))
+    kept = engine_fidelity.ShapesStore(tmp_path / "run", setup).load("cat a=0.5", 40)
+    assert kept is not None and np.array_equal(kept[0], images) and kept[1:] == (12.5, 3)
+    assert not list((tmp_path / "run").rglob("*.part.npz"))
+    with pytest.raises(SystemExit, match="another setup"):
+        engine_fidelity.ShapesStore(tmp_path / "run", setup | {"steps": 10})
+
+
+def test_shapes_run_names_an_unknown_variant(capsys):
+    with pytest.raises(SystemExit, match="unknown \\['cat a=0.4'\\]"):
+        engine_fidelity.main(["--shapes", "--prompts", "1", "--variants", "cat a=0.4"])
+
+
 @pytest.mark.slow
 def test_scale_benchmark_smoke_plans_dispatches_and_reuses_the_index(tmp_path, capsys):
     """3000 prompts with the stand-in worker: every shard committed by reading its prompts
