@@ -54,6 +54,22 @@ def test_shapes_table_counts_unstated_shapes_per_caption():
     assert cat[2] == "33.3" and cat[6] == "2.00" and cat[8:10] == ["41.00", "0.9500"]
 
 
+def test_paired_difference_counts_facts_per_caption():
+    import numpy as np
+
+    from catbatch.shapes.checker import check
+    from catbatch.shapes.scenes import caption, render, scenes
+
+    picked = [s for s in scenes("paired", 40) if len(s.shapes) == 2][:6]
+    right = [check(render(s), caption(s)) for s in picked]
+    blank = [check(np.full((64, 64, 3), 255, np.uint8), caption(s)) for s in picked]
+    d, lo, hi, better, worse = engine_fidelity.paired_difference(right, blank)
+    held = sum(r.held()[0] for r in right) / sum(r.held()[1] for r in right)
+    assert d == pytest.approx(100 * held) and lo <= d <= hi and (better, worse) == (6, 0)
+    assert engine_fidelity.paired_difference(right, right) == (0.0, 0.0, 0.0, 0, 0)
+    assert engine_fidelity.paired_difference(blank, right)[:1] == (-d,)
+
+
 def test_shapes_store_keeps_whole_chunks_and_refuses_another_setup(tmp_path):
     """A stopped --shapes run resumes from the chunks it kept; a kept chunk reads back as it
     was written; a folder made with another setup is not mixed in."""
