@@ -522,8 +522,8 @@ def paired_difference(
     a: Sequence[Any], b: Sequence[Any], resamples: int = 2000, seed: int = 0
 ) -> tuple[float, float, float, int, int]:
     """Adherence of checker reports ``a`` minus ``b`` (the same captions and seeds), in points,
-    with a 95% paired bootstrap interval over captions, and the captions on which ``a`` holds
-    more / fewer facts: ``(difference, low, high, better, worse)``."""
+    with a 95% paired bootstrap interval over captions, and the captions on which ``a`` holds a
+    larger / smaller share of its counted facts: ``(difference, low, high, better, worse)``."""
     import numpy as np
 
     held = np.array([[*x.held(), *y.held()] for x, y in zip(a, b, strict=True)], dtype=float)
@@ -534,8 +534,10 @@ def paired_difference(
 
     picks = np.random.default_rng(seed).integers(0, len(held), (resamples, len(held)))
     low, high = np.percentile(diff(held[picks]), [2.5, 97.5])
-    better = int((held[:, 0] > held[:, 2]).sum())
-    return float(diff(held)), float(low), float(high), better, int((held[:, 0] < held[:, 2]).sum())
+    # per caption, facts held over facts counted (unstated shapes count as failed facts)
+    cross = held[:, 0] * held[:, 3] - held[:, 2] * held[:, 1]
+    better, worse = int((cross > 0).sum()), int((cross < 0).sum())
+    return float(diff(held)), float(low), float(high), better, worse
 
 
 def shapes_main(args: argparse.Namespace) -> int:
@@ -634,8 +636,8 @@ def shapes_main(args: argparse.Namespace) -> int:
             d, lo, hi, better, worse = paired_difference(reports["cat"], reports[other])
             print(
                 f"cat (alpha {args.alpha}) - {other}: {d:+.1f} adherence points (95% paired "
-                f"bootstrap over captions {lo:+.1f} to {hi:+.1f}); cat holds more facts on "
-                f"{better} captions, fewer on {worse}",
+                f"bootstrap over captions {lo:+.1f} to {hi:+.1f}); cat's share of facts held is "
+                f"higher on {better} captions, lower on {worse}",
                 flush=True,
             )
     if args.json:
