@@ -587,8 +587,9 @@ def shapes_main(args: argparse.Namespace) -> int:
             else:
                 chunk = captions[first : first + CHUNK]
                 todo.append(((name, first), (strategy, alpha, chunk, steps, args.guidance)))
-    total = len(variants) * len(firsts)
-    print(f"{total - len(todo)} of {total} chunks kept in {args.save_dir}", flush=True)
+    if store:
+        total = len(variants) * len(firsts)
+        print(f"{total - len(todo)} of {total} chunks kept in {args.save_dir}", flush=True)
     with ProcessPoolExecutor(args.workers) as pool:
         futures = {pool.submit(_shapes_job, job): key for key, job in todo}
         for future in as_completed(futures):
